@@ -1,0 +1,5 @@
+"""Allow `python -m vcfs`."""
+
+from vcfs.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,189 @@
+"""The `Qemu` port over QMP, with qemu.qmp hosted on the asyncio bridge.
+
+Translates typed actions to QMP JSON and QMP replies to domain values; translates qemu.qmp
+errors into the domain hierarchy (QmpCommandError, Disconnected). Every call has a deadline:
+the kernel cannot interrupt a FUSE handler, so a stalled QEMU must not stall the filesystem.
+Thread rule: methods are called from trio; qemu.qmp runs on the bridge's loop.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import trio
+from qemu.qmp import (
+    ConnectError,
+    ExecInterruptedError,
+    ExecuteError,
+    QMPClient,
+    Runstate,
+    StateError,
+)
+
+from vcfs.adapters.bridge import AsyncioBridge
+from vcfs.domain.model import Bitmap, Disk, DomainInfo
+from vcfs.domain.ports import Action, AddBitmap, RemoveBitmap
+from vcfs.errors import BackendError, Disconnected, QmpCommandError
+
+log = logging.getLogger(__name__)
+
+# qemu.qmp reports a peer that hangs up as an ERROR with a traceback; for us QEMU quitting is an
+# ordinary event that the host service reports itself.
+logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
+
+CONNECT_TIMEOUT = 3.0
+COMMAND_TIMEOUT = 10.0
+NULL_UUID = "00000000-0000-0000-0000-000000000000"
+
+
+def action_json(action: Action) -> dict[str, Any]:
+    """One transaction action as QMP wants it."""
+    if isinstance(action, AddBitmap):
+        data: dict[str, Any] = {
+            "node": action.node,
+            "name": action.name,
+            "persistent": action.persistent,
+            "disabled": action.disabled,
+        }
+        if action.granularity:
+            data["granularity"] = action.granularity
+        return {"type": "block-dirty-bitmap-add", "data": data}
+    if isinstance(action, RemoveBitmap):
+        return {
+            "type": "block-dirty-bitmap-remove",
+            "data": {"node": action.node, "name": action.name},
+        }
+    raise TypeError(f"unknown action {action!r}")
+
+
+def disk_target(device: dict[str, Any]) -> str:
+    """The disk's name: the guest device id (`vda`), else the drive id, else the node name."""
+    qdev = device.get("qdev") or ""
+    parts = qdev.split("/")
+    if qdev and "/" not in qdev:
+        return qdev
+    if len(parts) > 3 and parts[1] == "machine" and parts[2] == "peripheral":
+        return parts[3]
+    return device.get("device") or device["inserted"]["node-name"]
+
+
+def parse_bitmap(raw: dict[str, Any]) -> Bitmap:
+    """A bitmap from `query-named-block-nodes`; the name may be absent in QEMU 7.2."""
+    return Bitmap(
+        name=raw.get("name"),
+        recording=raw.get("recording", True),
+        persistent=raw.get("persistent", False),
+        busy=raw.get("busy", False),
+        inconsistent=raw.get("inconsistent", False),
+        granularity=raw.get("granularity", 0),
+        count=raw.get("count", 0),
+    )
+
+
+def parse_domain_info(
+    name: str, uuid: str | None, devices: list[dict[str, Any]], nodes: list[dict[str, Any]]
+) -> DomainInfo:
+    """Build a DomainInfo from the replies of `query-block` and `query-named-block-nodes`."""
+    bitmaps = {n["node-name"]: n.get("dirty-bitmaps") or [] for n in nodes}
+    disks = []
+    for dev in devices:
+        inserted = dev.get("inserted")
+        if not inserted:
+            continue  # no medium: nothing to checkpoint or back up
+        image = inserted.get("image", {})
+        specific = image.get("format-specific", {})
+        node = inserted["node-name"]
+        disks.append(
+            Disk(
+                target=disk_target(dev),
+                node=node,
+                driver=inserted.get("drv", ""),
+                source=inserted.get("file", ""),
+                size=image.get("virtual-size", 0),
+                read_only=inserted.get("ro", False),
+                qdev=dev.get("qdev", ""),
+                qcow2_v3=specific.get("type") == "qcow2"
+                and specific.get("data", {}).get("compat") != "0.10",
+                cluster_size=image.get("cluster-size"),
+                bitmaps=tuple(parse_bitmap(b) for b in bitmaps.get(node, [])),
+            )
+        )
+    return DomainInfo(name=name, uuid=uuid, disks=tuple(disks))
+
+
+class QmpQemu:
+    """A connected QEMU monitor implementing the `Qemu` port."""
+
+    def __init__(self, bridge: AsyncioBridge, client: QMPClient, path: Path) -> None:
+        self._bridge = bridge
+        self._client = client
+        self._path = path
+        self._closed = False
+        self._uuid: str | None = None
+
+    @classmethod
+    async def connect(cls, bridge: AsyncioBridge, path: Path) -> QmpQemu:
+        """Connect to the QMP socket at `path`; BackendError if nobody answers in time."""
+        client = QMPClient(path.stem)
+        try:
+            with trio.fail_after(CONNECT_TIMEOUT):
+                await bridge.run(client.connect(str(path)))
+        except (ConnectError, OSError, EOFError) as e:
+            raise BackendError(f"cannot connect to {path}: {e}") from None
+        except trio.TooSlowError:
+            await bridge.run(_quiet_disconnect(client))
+            raise BackendError(f"no QMP greeting from {path} (another client?)") from None
+        return cls(bridge, client, path)
+
+    @property
+    def closed(self) -> bool:
+        # The reader task moves the runstate away from RUNNING when QEMU hangs up.
+        return self._closed or self._client.runstate != Runstate.RUNNING
+
+    async def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
+        """Run one QMP command with a deadline."""
+        if self._closed:
+            raise Disconnected(f"QEMU at {self._path} is gone")
+        log.debug("qmp %s -> %s %s", self._path.stem, command, arguments or "")
+        try:
+            with trio.fail_after(COMMAND_TIMEOUT):
+                reply = await self._bridge.run(self._client.execute(command, arguments))
+        except ExecuteError as e:
+            log.debug("qmp %s <- %s: %s", self._path.stem, e.error_class, e)
+            raise QmpCommandError(command, e.error_class, str(e)) from None
+        except (ExecInterruptedError, StateError, EOFError, OSError) as e:
+            self._closed = True
+            raise Disconnected(f"QEMU at {self._path} is gone ({command}: {e})") from None
+        except trio.TooSlowError:
+            msg = f"QEMU did not answer {command} in {COMMAND_TIMEOUT:.0f} s"
+            raise BackendError(msg) from None
+        log.debug("qmp %s <- %s", self._path.stem, reply)
+        return reply
+
+    async def domain_info(self, name: str) -> DomainInfo:
+        if self._uuid is None:
+            uuid = (await self.execute("query-uuid")).get("UUID", "")
+            self._uuid = uuid if uuid and uuid != NULL_UUID else ""
+        devices = await self.execute("query-block")
+        nodes = await self.execute("query-named-block-nodes", {"flat": True})
+        return parse_domain_info(name, self._uuid or None, devices, nodes)
+
+    async def transaction(self, actions: Sequence[Action]) -> None:
+        if actions:
+            await self.execute("transaction", {"actions": [action_json(a) for a in actions]})
+
+    async def close(self) -> None:
+        self._closed = True
+        with trio.move_on_after(CONNECT_TIMEOUT):
+            await self._bridge.run(_quiet_disconnect(self._client))
+
+
+async def _quiet_disconnect(client: QMPClient) -> None:
+    # After QEMU quits, disconnect() re-raises the reader's EOFError: the normal end.
+    try:
+        await client.disconnect()
+    except Exception:  # noqa: BLE001 - any error here means the connection is already gone
+        pass

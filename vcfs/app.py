@@ -1,0 +1,71 @@
+"""Composition root: adapters → services → tree → FUSE, run under trio.
+
+Thread rule: `serve()` runs in the trio thread; QMP runs on the bridge's asyncio thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from vcfs.adapters import xmlcodec
+from vcfs.adapters.bridge import AsyncioBridge
+from vcfs.adapters.qmp import QmpQemu
+from vcfs.adapters.state import StateStore
+from vcfs.domain.host import Host
+from vcfs.fs.mount import FuseMount
+from vcfs.tree.fstree import Tree
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Config:
+    """Everything a mount needs to know."""
+
+    host_dir: Path
+    mountpoint: Path
+    state_dir: Path
+    runtime_dir: Path
+    fuse_options: list[str] = field(default_factory=list)
+
+
+async def serve(config: Config, ready: Callable[[], None] = lambda: None) -> None:
+    """Mount, call `ready()`, serve until unmounted or SIGTERM/SIGINT, then clean up."""
+    config.runtime_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    bridge = AsyncioBridge()
+    store = StateStore(config.state_dir)
+
+    async def connect(path: Path) -> QmpQemu:
+        return await QmpQemu.connect(bridge, path)
+
+    host = Host(config.host_dir, connect, store, xmlcodec)
+    mount = FuseMount(Tree(host, xmlcodec), config.mountpoint, config.fuse_options)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(host.run)
+            mount.open()
+            log.info("mounted %s on %s", config.host_dir, config.mountpoint)
+            nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
+            ready()
+            await mount.run()
+            nursery.cancel_scope.cancel()
+    finally:
+        mount.close()
+        with trio.CancelScope(shield=True):
+            await host.close()
+        bridge.close()
+        log.info("unmounted %s", config.mountpoint)
+
+
+async def _stop_on_signal(scope: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("got %s: unmounting", signal.Signals(signum).name)
+            scope.cancel()
+            return

@@ -1,0 +1,179 @@
+"""The host (a directory of QMP sockets) and its domains.
+
+Every socket `NAME.qmp` in the host directory is the monitor of one running QEMU, shown as domain
+NAME. A background task rescans every second: new sockets are connected and reconciled, domains
+whose socket vanished or whose connection dropped are removed. A listing of the root also
+rescans, so a new VM shows up at the next `ls`.
+Thread rule: trio tasks only.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import trio
+
+from vcfs.domain.checkpoints import CheckpointService
+from vcfs.domain.errorlog import ErrorLog
+from vcfs.domain.model import DomainInfo
+from vcfs.domain.ports import CheckpointStore, Codec, Qemu
+from vcfs.errors import VcfsError
+
+log = logging.getLogger(__name__)
+
+INFO_TTL = 0.5
+"""How long a DomainInfo is reused: disk changes show within a second, yet a burst of reads
+costs one round trip."""
+SCAN_INTERVAL = 1.0
+RETRY_FAILED_AFTER = 10.0
+"""A socket nobody answers on (stale, or held by another client) is retried this rarely,
+unless it is replaced by a new socket file."""
+
+
+class Domain:
+    """One running QEMU: its monitor, briefly cached info, checkpoints and error log."""
+
+    def __init__(self, name: str, qemu: Qemu, store: CheckpointStore, codec: Codec) -> None:
+        self.name = name
+        self.qemu = qemu
+        self.errors = ErrorLog()
+        self.lock = trio.Lock()
+        self.checkpoints = CheckpointService(self, store, codec)
+        self.created = time.time()
+        self._info: DomainInfo | None = None
+        self._info_at = 0.0
+
+    async def info(self, max_age: float = INFO_TTL) -> DomainInfo:
+        """The domain's disks and bitmaps, at most `max_age` seconds old."""
+        now = trio.current_time()
+        if self._info is None or now - self._info_at > max_age:
+            self._info = await self.qemu.domain_info(self.name)
+            self._info_at = now
+        return self._info
+
+    def invalidate(self) -> None:
+        """Forget the cached info: QEMU's state was just changed."""
+        self._info = None
+
+    async def start(self) -> None:
+        """Load checkpoint metadata and report where it disagrees with QEMU's bitmaps."""
+        self.checkpoints.load()
+        info = await self.info(max_age=0)
+        for path, message in self.checkpoints.reconcile(info):
+            log.warning("domain %s: %s: %s", self.name, path, message)
+            self.errors.add(path, "RECONCILE", message)
+
+    def report(self, path: str, code: str, message: str) -> None:
+        """Record a failed request in `errors` and the log."""
+        log.warning("domain %s: %s: %s %s", self.name, path, code, message)
+        self.errors.add(path, code, message)
+
+
+Connector = Callable[[Path], Awaitable[Qemu]]
+
+
+class Host:
+    """The set of domains behind a directory of QMP sockets."""
+
+    def __init__(self, path: Path, connect: Connector, store: CheckpointStore, codec: Codec):
+        self.path = path
+        self._connect = connect
+        self._store = store
+        self._codec = codec
+        self._domains: dict[str, Domain] = {}
+        self._failed: dict[str, tuple[int, float]] = {}
+        self._lock = trio.Lock()
+        self._scanned_at = -1e9
+
+    def names(self) -> list[str]:
+        """The names of the domains currently shown."""
+        return sorted(self._domains)
+
+    def get(self, name: str) -> Domain | None:
+        """The domain called `name`, if it is connected."""
+        return self._domains.get(name)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Scan now, report ready, then rescan every second until cancelled."""
+        await self.scan()
+        task_status.started()
+        while True:
+            await trio.sleep(SCAN_INTERVAL)
+            await self.scan()
+
+    async def refresh(self, max_age: float = 0.5) -> None:
+        """Rescan unless a scan finished less than `max_age` seconds ago."""
+        if trio.current_time() - self._scanned_at > max_age:
+            await self.scan()
+
+    async def scan(self) -> None:
+        """Bring the set of domains in line with the sockets in the host directory."""
+        async with self._lock:
+            sockets = self._sockets()
+            for name, dom in list(self._domains.items()):
+                if name not in sockets or dom.qemu.closed:
+                    log.info("domain %s: gone", name)
+                    del self._domains[name]
+                    await dom.qemu.close()
+            now = trio.current_time()
+            todo = []
+            for name, ino in sockets.items():
+                if name in self._domains:
+                    continue
+                failed = self._failed.get(name)
+                if failed and failed[0] == ino and now - failed[1] < RETRY_FAILED_AFTER:
+                    continue
+                todo.append((name, ino))
+            if todo:
+                async with trio.open_nursery() as nursery:
+                    for name, ino in todo:
+                        nursery.start_soon(self._add, name, ino)
+            self._scanned_at = trio.current_time()
+
+    def _sockets(self) -> dict[str, int]:
+        found = {}
+        try:
+            entries = list(os.scandir(self.path))
+        except OSError as e:
+            log.warning("cannot list host directory %s: %s", self.path, e)
+            return {}
+        for entry in entries:
+            if not entry.name.endswith(".qmp") or entry.name.startswith("."):
+                continue
+            try:
+                st = entry.stat(follow_symlinks=True)
+            except OSError:
+                continue
+            if stat.S_ISSOCK(st.st_mode):
+                found[entry.name[: -len(".qmp")]] = st.st_ino
+        return found
+
+    async def _add(self, name: str, ino: int) -> None:
+        try:
+            qemu = await self._connect(self.path / f"{name}.qmp")
+        except VcfsError as e:
+            log.debug("domain %s: not connected: %s", name, e)
+            self._failed[name] = (ino, trio.current_time())
+            return
+        dom = Domain(name, qemu, self._store, self._codec)
+        try:
+            await dom.start()
+        except VcfsError as e:
+            log.warning("domain %s: cannot start: %s", name, e)
+            self._failed[name] = (ino, trio.current_time())
+            await qemu.close()
+            return
+        self._failed.pop(name, None)
+        self._domains[name] = dom
+        log.info("domain %s: connected", name)
+
+    async def close(self) -> None:
+        """Disconnect every domain."""
+        for dom in self._domains.values():
+            await dom.qemu.close()
+        self._domains.clear()

@@ -1,0 +1,1 @@
+"""The FUSE protocol adapter: the only package that imports pyfuse3."""

@@ -1,0 +1,311 @@
+"""pyfuse3 Operations over the tree: a thin, typed protocol adapter.
+
+Each request resolves its path from the root, asks the node, and maps domain errors to errno in
+one place (`_failure`), recording the message in the domain's `errors`. Any other exception is
+logged and becomes EIO: a handler must never take the mount down.
+Thread rule: trio tasks on the pyfuse3 main loop.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import pyfuse3
+
+from vcfs.errors import InvalidInput, TooLarge, VcfsError
+from vcfs.fs.errnos import errno_for, errno_name
+from vcfs.fs.inodes import InodeTable
+from vcfs.tree.fstree import Tree
+from vcfs.tree.nodes import MAX_REQUEST, ControlFile, Dir, Kind, Link, Node, ReadFile
+
+log = logging.getLogger(__name__)
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+# Nothing is cached by the kernel: lookups are in-memory and cheap, and checkpoints, `current`
+# and domains change under the kernel's feet.
+ENTRY_TIMEOUT = 0.0
+ATTR_TIMEOUT = 0.0
+
+KIND_BITS = {Kind.DIR: 0o040000, Kind.FILE: 0o100000, Kind.LINK: 0o120000}
+
+
+def guarded(fn: F) -> F:
+    """Turn unexpected exceptions into EIO instead of letting them kill the mount."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: Any) -> Any:
+        try:
+            return await fn(*args)
+        except pyfuse3.FUSEError:
+            raise
+        except Exception:
+            log.exception("unexpected error in %s", fn.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+@dataclass
+class Handle:
+    """An open file: the rendered content of a ReadFile, or a control file's request buffer."""
+
+    path: tuple[str, ...]
+    node: Node
+    content: bytes = b""
+    buffer: bytearray = field(default_factory=bytearray)
+
+
+class Operations(pyfuse3.Operations):
+    """The FUSE request handlers."""
+
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, tree: Tree) -> None:
+        super().__init__()
+        self.tree = tree
+        self.inodes = InodeTable()
+        self._handles: dict[int, Handle] = {}
+        self._next_fh = 1
+        self._uid = os.getuid()
+        self._gid = os.getgid()
+
+    # ---- helpers ----------------------------------------------------------------------------
+
+    def _path(self, inode: int) -> tuple[str, ...]:
+        path = self.inodes.path(inode)
+        if path is None:
+            raise pyfuse3.FUSEError(errno.ESTALE)
+        return path
+
+    async def _node(self, path: tuple[str, ...]) -> Node:
+        node = await self.tree.resolve(path)
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return node
+
+    def _failure(self, path: Sequence[str], e: VcfsError) -> pyfuse3.FUSEError:
+        code = errno_for(e)
+        self.tree.report(path, errno_name(code), str(e))
+        return pyfuse3.FUSEError(code)
+
+    def _attr(self, path: tuple[str, ...], node: Node) -> pyfuse3.EntryAttributes:
+        attr = pyfuse3.EntryAttributes()
+        attr.st_ino = self.inodes.inode(path)
+        attr.generation = 0
+        attr.entry_timeout = ENTRY_TIMEOUT
+        attr.attr_timeout = ATTR_TIMEOUT
+        attr.st_mode = KIND_BITS[node.kind] | node.mode
+        attr.st_nlink = 2 if node.kind is Kind.DIR else 1
+        attr.st_uid = self._uid
+        attr.st_gid = self._gid
+        attr.st_rdev = 0
+        attr.st_size = len(node.target.encode()) if isinstance(node, Link) else 0
+        attr.st_blksize = 4096
+        attr.st_blocks = 0
+        ns = int(node.mtime * 1e9)
+        attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = ns
+        return attr
+
+    def _new_handle(self, handle: Handle) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        self._handles[fh] = handle
+        return fh
+
+    # ---- metadata ---------------------------------------------------------------------------
+
+    @guarded
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        path = (*self._path(parent_inode), os.fsdecode(name))
+        try:
+            node = await self._node(path)
+        except VcfsError as e:
+            raise self._failure(path, e) from None
+        attr = self._attr(path, node)
+        self.inodes.remember(attr.st_ino)
+        return attr
+
+    @guarded
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        path = self._path(inode)
+        return self._attr(path, await self._node(path))
+
+    @guarded
+    async def setattr(
+        self,
+        inode: int,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: int | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        path = self._path(inode)
+        node = await self._node(path)
+        # `echo … > new` truncates before writing: truncating a control file is a no-op.
+        only_truncate = fields.update_size and not (
+            fields.update_mode or fields.update_uid or fields.update_gid
+        )
+        if not (isinstance(node, ControlFile) and only_truncate and attr.st_size == 0):
+            raise pyfuse3.FUSEError(errno.EPERM)
+        return self._attr(path, node)
+
+    @guarded
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        node = await self._node(self._path(inode))
+        if not isinstance(node, Link):
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        return os.fsencode(node.target)
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        for inode, count in inode_list:
+            self.inodes.forget(inode, count)
+
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        st = pyfuse3.StatvfsData()
+        st.f_bsize = st.f_frsize = 4096
+        st.f_namemax = 255
+        return st
+
+    # ---- directories ------------------------------------------------------------------------
+
+    @guarded
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        path = self._path(inode)
+        node = await self._node(path)
+        if not isinstance(node, Dir):
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return self._new_handle(Handle(path, node))
+
+    @guarded
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        handle = self._handles[fh]
+        node = handle.node
+        assert isinstance(node, Dir)
+        try:
+            names = await node.names()
+        except VcfsError as e:
+            raise self._failure(handle.path, e) from None
+        # Offsets are inode numbers, listed in inode order: stable even when entries come and
+        # go between two calls, unlike list positions.
+        entries = []
+        for name in names:
+            path = (*handle.path, name)
+            child = await node.child(name)
+            if child is not None:
+                entries.append((self.inodes.inode(path), name, path, child))
+        entries.sort(key=lambda e: e[0])
+        for ino, name, path, child in entries:
+            if ino <= start_id:
+                continue
+            if not pyfuse3.readdir_reply(token, os.fsencode(name), self._attr(path, child), ino):
+                break
+            self.inodes.remember(ino)
+
+    async def releasedir(self, fh: int) -> None:
+        self._handles.pop(fh, None)
+
+    @guarded
+    async def mkdir(
+        self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        parent_path = self._path(parent_inode)
+        path = (*parent_path, os.fsdecode(name))
+        parent = await self._node(parent_path)
+        if not isinstance(parent, Dir):
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        started = time.monotonic()
+        try:
+            await parent.mkdir(path[-1])
+            node = await self._node(path)
+        except VcfsError as e:
+            raise self._failure(path, e) from None
+        log.info("mkdir %s (%.1f ms)", "/".join(path), (time.monotonic() - started) * 1e3)
+        attr = self._attr(path, node)
+        self.inodes.remember(attr.st_ino)
+        return attr
+
+    @guarded
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        parent_path = self._path(parent_inode)
+        path = (*parent_path, os.fsdecode(name))
+        parent = await self._node(parent_path)
+        if not isinstance(parent, Dir):
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        started = time.monotonic()
+        try:
+            await parent.rmdir(path[-1])
+        except VcfsError as e:
+            raise self._failure(path, e) from None
+        log.info("rmdir %s (%.1f ms)", "/".join(path), (time.monotonic() - started) * 1e3)
+
+    # ---- files ------------------------------------------------------------------------------
+
+    @guarded
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        path = self._path(inode)
+        node = await self._node(path)
+        access = flags & os.O_ACCMODE
+        handle = Handle(path, node)
+        if isinstance(node, ReadFile):
+            if access != os.O_RDONLY:
+                raise pyfuse3.FUSEError(errno.EACCES)
+            try:
+                handle.content = await node.render()
+            except VcfsError as e:
+                raise self._failure(path, e) from None
+        elif isinstance(node, ControlFile):
+            if access != os.O_WRONLY:
+                raise pyfuse3.FUSEError(errno.EACCES)
+        else:
+            raise pyfuse3.FUSEError(errno.EISDIR if node.kind is Kind.DIR else errno.EINVAL)
+        # Rendered content has no size in getattr: direct I/O makes the kernel read to EOF.
+        return pyfuse3.FileInfo(fh=self._new_handle(handle), direct_io=True)
+
+    @guarded
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        return self._handles[fh].content[off : off + size]
+
+    @guarded
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        handle = self._handles[fh]
+        node = handle.node
+        assert isinstance(node, ControlFile)
+        handle.buffer += buf
+        try:
+            if len(handle.buffer) > MAX_REQUEST:
+                handle.buffer.clear()
+                raise TooLarge(f"request larger than {MAX_REQUEST} bytes")
+            requests, rest = node.split(bytes(handle.buffer))
+            handle.buffer[:] = rest
+            for request in requests:
+                started = time.monotonic()
+                await node.submit(request)
+                log.info("write %s (%.1f ms)", "/".join(handle.path),
+                         (time.monotonic() - started) * 1e3)
+        except VcfsError as e:
+            handle.buffer.clear()
+            raise self._failure(handle.path, e) from None
+        return len(buf)
+
+    @guarded
+    async def flush(self, fh: int) -> None:
+        handle = self._handles[fh]
+        if isinstance(handle.node, ControlFile) and bytes(handle.buffer).strip():
+            handle.buffer.clear()
+            e = InvalidInput("incomplete request at close (no complete document or line)")
+            raise self._failure(handle.path, e)
+
+    async def release(self, fh: int) -> None:
+        self._handles.pop(fh, None)

@@ -1,0 +1,153 @@
+"""The vcfs tree of DESIGN.md §1, over the Host and its domains' services.
+
+    /<dom>/xml, errors, checkpoints/{new, redefine, current, <name>/{xml, size, parent, delete}}
+
+Each class maps names to nodes and operations to service calls; all semantics live in the
+services. Thread rule: trio tasks only.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+from vcfs.domain.checkpoints import CheckpointService
+from vcfs.domain.host import Domain, Host
+from vcfs.domain.ports import Codec
+from vcfs.tree.nodes import ControlFile, Dir, Link, Node, ReadFile
+
+
+class Tree:
+    """Entry point for the FUSE layer: path resolution and failure reporting."""
+
+    def __init__(self, host: Host, codec: Codec) -> None:
+        self.host = host
+        self.root = RootDir(host, codec, time.time())
+
+    async def resolve(self, path: Sequence[str]) -> Node | None:
+        """The node at `path` (a tuple of names from the root), or None."""
+        node: Node | None = self.root
+        for name in path:
+            if not isinstance(node, Dir):
+                return None
+            node = await node.child(name)
+        return node
+
+    def report(self, path: Sequence[str], code: str, message: str) -> None:
+        """Record a failed request in its domain's `errors` (requests at the root have none)."""
+        if path and (dom := self.host.get(path[0])) is not None:
+            dom.report("/".join(path[1:]) or ".", code, message)
+
+
+class RootDir(Dir):
+    """The mount's root: one directory per connected domain."""
+
+    def __init__(self, host: Host, codec: Codec, mtime: float) -> None:
+        super().__init__(mtime)
+        self.host = host
+        self.codec = codec
+
+    async def names(self) -> list[str]:
+        await self.host.refresh()
+        return self.host.names()
+
+    async def child(self, name: str) -> Node | None:
+        dom = self.host.get(name)
+        if dom is None:
+            await self.host.refresh()
+            dom = self.host.get(name)
+        return DomainDir(dom, self.codec) if dom else None
+
+
+class DomainDir(Dir):
+    """`<dom>/`: the domain XML, its error log, its checkpoints."""
+
+    def __init__(self, dom: Domain, codec: Codec) -> None:
+        super().__init__(dom.created)
+        self.dom = dom
+        self.codec = codec
+
+    async def names(self) -> list[str]:
+        return ["xml", "errors", "checkpoints"]
+
+    async def child(self, name: str) -> Node | None:
+        dom = self.dom
+        if name == "xml":
+            return ReadFile(lambda: self._domain_xml(), self.mtime)
+        if name == "errors":
+            return ReadFile(lambda: _value(dom.errors.render()), self.mtime)
+        if name == "checkpoints":
+            return CheckpointsDir(dom, self.codec)
+        return None
+
+    async def _domain_xml(self) -> bytes:
+        return self.codec.format_domain(await self.dom.info())
+
+
+class CheckpointsDir(Dir):
+    """`<dom>/checkpoints/`: `mkdir` creates with defaults, `rmdir` deletes."""
+
+    def __init__(self, dom: Domain, codec: Codec) -> None:
+        super().__init__(dom.created)
+        self.cps: CheckpointService = dom.checkpoints
+        self.codec = codec
+
+    async def names(self) -> list[str]:
+        fixed = ["new", "redefine"] + (["current"] if self.cps.current else [])
+        return fixed + self.cps.names()
+
+    async def child(self, name: str) -> Node | None:
+        if name == "new":
+            return ControlFile(self.cps.create, self.mtime, self.codec.document_complete)
+        if name == "redefine":
+            return ControlFile(self.cps.redefine, self.mtime, self.codec.document_complete)
+        if name == "current":
+            return Link(self.cps.current, self.mtime) if self.cps.current else None
+        cp = self.cps.get(name)
+        if cp is None:
+            return None
+        return CheckpointDir(self.cps, name, float(cp.definition.creation_time or self.mtime))
+
+    async def mkdir(self, name: str) -> None:
+        await self.cps.create_default(name)
+
+    async def rmdir(self, name: str) -> None:
+        await self.cps.delete(name)
+
+
+class CheckpointDir(Dir):
+    """`<dom>/checkpoints/<name>/`."""
+
+    def __init__(self, cps: CheckpointService, name: str, mtime: float) -> None:
+        super().__init__(mtime)
+        self.cps = cps
+        self.name = name
+
+    async def names(self) -> list[str]:
+        cp = self.cps.get(self.name)
+        return ["xml", "size", "delete"] + (["parent"] if cp and cp.parent else [])
+
+    async def child(self, name: str) -> Node | None:
+        cps, me = self.cps, self.name
+        if name == "xml":
+            return ReadFile(lambda: cps.xml(me), self.mtime)
+        if name == "size":
+            return ReadFile(lambda: self._sizes(), self.mtime)
+        if name == "delete":
+            return ControlFile(self._delete, self.mtime)
+        if name == "parent":
+            cp = cps.get(me)
+            return Link(f"../{cp.parent}", self.mtime) if cp and cp.parent else None
+        return None
+
+    async def _sizes(self) -> bytes:
+        sizes = await self.cps.sizes(self.name)
+        return "".join(f"{disk} {size}\n" for disk, size in sizes.items()).encode()
+
+    async def _delete(self, line: bytes) -> None:
+        modes = self.cps.parse_delete_modes(line.decode(errors="replace"))
+        await self.cps.delete(self.name, modes)
+
+
+async def _value(data: bytes) -> bytes:
+    return data
