@@ -42,7 +42,7 @@ DELETE_MODES = frozenset({"children", "children-only", "metadata-only"})
 
 def translate_qmp(e: QmpCommandError) -> VcfsError:
     """Give QEMU's refusals of bitmap operations their precise domain error."""
-    if "qcow2 v2" in e.desc or "Cannot store dirty bitmaps" in e.desc:
+    if "Cannot store dirty bitmaps" in e.desc or "Can't store persistent bitmaps" in e.desc:
         return NotSupported(e.desc)
     if "already exists" in e.desc:
         return AlreadyExists(e.desc)
@@ -198,7 +198,8 @@ class CheckpointService:
                 CheckpointDisk(d.target, BITMAP if d.bitmap_capable else NO) for d in info.disks
             )
             if info.disks and not any(d.checkpoint == BITMAP for d in disks):
-                raise NotSupported(f"no disk of domain '{info.name}' can hold a bitmap")
+                reasons = "; ".join(str(d.bitmap_problem()) for d in info.disks)
+                raise NotSupported(f"no disk of domain '{info.name}' can hold a bitmap: {reasons}")
             await self._create(CheckpointDef(name=name, disks=disks))
 
     async def _create(self, cp: CheckpointDef) -> None:

@@ -50,8 +50,8 @@ class Domain:
 
     async def info(self, max_age: float = INFO_TTL) -> DomainInfo:
         """The domain's disks and bitmaps, at most `max_age` seconds old."""
-        now = trio.current_time()
-        if self._info is None or now - self._info_at > max_age:
+        now = time.monotonic()
+        if self._info is None or now - self._info_at >= max_age:
             self._info = await self.qemu.domain_info(self.name)
             self._info_at = now
         return self._info

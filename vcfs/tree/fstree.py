@@ -53,8 +53,9 @@ class RootDir(Dir):
 
     async def child(self, name: str) -> Node | None:
         dom = self.host.get(name)
-        if dom is None:
-            await self.host.refresh()
+        if dom is None or dom.qemu.closed:
+            # A VM that just appeared, or restarted: connect now rather than at the next scan.
+            await self.host.refresh(max_age=0 if dom else 0.5)
             dom = self.host.get(name)
         return DomainDir(dom, self.codec) if dom else None
 

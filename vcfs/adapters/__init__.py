@@ -1,0 +1,1 @@
+"""Adapters: the only layer that talks to QEMU, the disk, lxml and the OS."""
