@@ -158,3 +158,84 @@ class Checkpoint:
     @property
     def parent(self) -> str | None:
         return self.definition.parent
+
+
+PUSH = "push"
+PULL = "pull"
+FULL = "full"
+INCREMENTAL = "incremental"
+
+
+@dataclass(frozen=True)
+class BackupServer:
+    """The `<server>` of a pull backup: where QEMU's NBD server listens."""
+
+    transport: str = "tcp"
+    """`tcp`, `unix` or `fd`."""
+    name: str | None = None
+    port: int | None = None
+    socket: str | None = None
+    fdgroup: str | None = None
+    tls: str | None = None
+    """`yes`, `no` or None (unset)."""
+
+
+@dataclass(frozen=True)
+class BackupStore:
+    """A push `<target>` or pull `<scratch>`: a file or a block device.
+
+    `extra` holds the store's child elements (`<seclabel>`, `<encryption>`) serialized, kept
+    verbatim so that they round-trip; vcfs itself does not act on them.
+    """
+
+    path: str
+    kind: str = "file"
+    """`file` (the `file` attribute) or `block` (the `dev` attribute)."""
+    extra: bytes | None = None
+
+
+@dataclass(frozen=True)
+class BackupDisk:
+    """One `<disk>` of a `<domainbackup>`."""
+
+    name: str
+    backup: bool = True
+    type: str | None = None
+    """`file` or `block`; the store's kind."""
+    backupmode: str | None = None
+    """`full` or `incremental`; None until aligned."""
+    incremental: str | None = None
+    exportname: str | None = None
+    exportbitmap: str | None = None
+    index: int | None = None
+    state: str | None = None
+    """Internal status-XML only: running, complete, failed, cancelling, cancelled."""
+    driver: str | None = None
+    """The store's format (`<driver type>`)."""
+    store: BackupStore | None = None
+    """`<target>` in push mode, `<scratch>` in pull mode."""
+
+
+@dataclass(frozen=True)
+class BackupDef:
+    """A `<domainbackup>` document. `disks is None` when it had no `<disks>` element.
+
+    `checkpoint` is vcfs's combined form: a `<domaincheckpoint>` child, parsed in create mode,
+    that is created in the same transaction as the backup.
+    """
+
+    mode: str = PUSH
+    incremental: str | None = None
+    server: BackupServer | None = None
+    disks: tuple[BackupDisk, ...] | None = None
+    checkpoint: CheckpointDef | None = None
+    private_data: bytes | None = None
+    """Internal status-XML `<privateData>`, serialized verbatim (parsed only when internal)."""
+
+    def with_(self, **changes: object) -> BackupDef:
+        """A copy with some fields changed."""
+        return replace(self, **changes)  # type: ignore[arg-type]
+
+    def backed_up(self) -> list[BackupDisk]:
+        """The disks this backup copies."""
+        return [d for d in self.disks or () if d.backup]
