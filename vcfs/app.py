@@ -6,6 +6,7 @@ Thread rule: `serve()` runs in the trio thread; QMP runs on the bridge's asyncio
 from __future__ import annotations
 
 import logging
+import os
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -13,11 +14,12 @@ from pathlib import Path
 
 import trio
 
-from vcfs.adapters import xmlcodec
 from vcfs.adapters.bridge import AsyncioBridge
+from vcfs.adapters.codec import XmlCodec
+from vcfs.adapters.nbd import NbdExport
 from vcfs.adapters.qmp import QmpQemu
 from vcfs.adapters.state import StateStore
-from vcfs.domain.host import Host
+from vcfs.domain.host import Environment, Host
 from vcfs.fs.mount import FuseMount
 from vcfs.tree.fstree import Tree
 
@@ -38,14 +40,19 @@ class Config:
 async def serve(config: Config, ready: Callable[[], None] = lambda: None) -> None:
     """Mount, call `ready()`, serve until unmounted or SIGTERM/SIGINT, then clean up."""
     config.runtime_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(config.runtime_dir, 0o700)  # NBD sockets live here
     bridge = AsyncioBridge()
     store = StateStore(config.state_dir)
+    scratch_dir = config.state_dir / "scratch"
+    scratch_dir.mkdir(exist_ok=True, mode=0o700)
+    codec = XmlCodec()
 
     async def connect(path: Path) -> QmpQemu:
         return await QmpQemu.connect(bridge, path)
 
-    host = Host(config.host_dir, connect, store, xmlcodec)
-    mount = FuseMount(Tree(host, xmlcodec), config.mountpoint, config.fuse_options)
+    env = Environment(store, codec, config.runtime_dir, scratch_dir, NbdExport)
+    host = Host(config.host_dir, connect, env)
+    mount = FuseMount(Tree(host, codec), config.mountpoint, config.fuse_options)
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(host.run)

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
+from pathlib import Path
+from typing import NoReturn
 
 from vcfs.adapters import xmlcodec
+from vcfs.adapters.codec import XmlCodec
+from vcfs.domain.host import Domain, Environment
 from vcfs.domain.model import Bitmap, CheckpointDef, Disk, DomainInfo
 from vcfs.domain.ports import Action, AddBitmap, RemoveBitmap
 from vcfs.errors import NoSpace, QmpCommandError
@@ -90,3 +94,22 @@ class FakeStore:
 
     def set_current(self, domain: str, name: str | None) -> None:
         self.current = name
+
+
+def environment(store: FakeStore | None = None) -> Environment:
+    """The services' environment with fakes where I/O would be."""
+
+    def no_export(*args: object) -> NoReturn:
+        raise AssertionError("unit tests open no NBD export")
+
+    return Environment(store or FakeStore(), XmlCodec(), Path("/nonexistent/run"),
+                       Path("/nonexistent/scratch"), no_export)
+
+
+def make_domain(qemu: FakeQemu, store: FakeStore | None = None) -> Domain:
+    """A Domain over fakes; background tasks are refused (unit tests spawn none)."""
+
+    def no_spawn(*args: object) -> NoReturn:
+        raise AssertionError("unit tests spawn no background task")
+
+    return Domain("vm1", qemu, environment(store), no_spawn)

@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import trio
 
-from tests.unit.fakes import FakeQemu, FakeStore, disk
+from tests.unit.fakes import FakeQemu, FakeStore, disk, make_domain
 from vcfs.adapters import xmlcodec
-from vcfs.domain.host import Domain
 from vcfs.domain.model import Bitmap
 from vcfs.errors import AlreadyExists, InvalidInput, NoSpace, NotFound, NotSupported
 
@@ -15,7 +14,7 @@ from vcfs.errors import AlreadyExists, InvalidInput, NoSpace, NotFound, NotSuppo
 def make(*disks, uuid=None):
     qemu = FakeQemu(disks or (disk("vda"), disk("vdb")), uuid=uuid)
     store = FakeStore()
-    dom = Domain("vm1", qemu, store, xmlcodec)
+    dom = make_domain(qemu, store)
     dom.checkpoints.load()
     return dom, qemu, store
 
@@ -192,11 +191,11 @@ def test_delete_with_a_missing_bitmap_changes_nothing():
 @pytest.mark.parametrize("line", ["", "children children-only", "bogus", "children,nope"])
 def test_delete_modes_are_validated(line):
     with pytest.raises(InvalidInput):
-        Domain("x", FakeQemu([]), FakeStore(), xmlcodec).checkpoints.parse_delete_modes(line)
+        make_domain(FakeQemu([])).checkpoints.parse_delete_modes(line)
 
 
 def test_delete_modes_combine():
-    cps = Domain("x", FakeQemu([]), FakeStore(), xmlcodec).checkpoints
+    cps = make_domain(FakeQemu([])).checkpoints
     assert cps.parse_delete_modes("children metadata-only\n") == {"children", "metadata-only"}
 
 

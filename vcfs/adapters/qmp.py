@@ -9,6 +9,7 @@ Thread rule: methods are called from trio; qemu.qmp runs on the bridge's loop.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,9 +25,18 @@ from qemu.qmp import (
 )
 
 from vcfs.adapters.bridge import AsyncioBridge
+from vcfs.adapters.state import os_error
 from vcfs.domain.model import Bitmap, Disk, DomainInfo
-from vcfs.domain.ports import Action, AddBitmap, RemoveBitmap
-from vcfs.errors import BackendError, Disconnected, QmpCommandError
+from vcfs.domain.ports import (
+    Action,
+    AddBitmap,
+    BlockdevBackup,
+    BlockJob,
+    MergeBitmaps,
+    NbdAddress,
+    RemoveBitmap,
+)
+from vcfs.errors import AlreadyExists, BackendError, Disconnected, QmpCommandError
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +66,27 @@ def action_json(action: Action) -> dict[str, Any]:
             "type": "block-dirty-bitmap-remove",
             "data": {"node": action.node, "name": action.name},
         }
+    if isinstance(action, MergeBitmaps):
+        return {
+            "type": "block-dirty-bitmap-merge",
+            "data": {
+                "node": action.node,
+                "target": action.target,
+                "bitmaps": [{"node": n, "name": b} for n, b in action.sources],
+            },
+        }
+    if isinstance(action, BlockdevBackup):
+        data = {
+            "device": action.device,
+            "job-id": action.job_id,
+            "target": action.target,
+            "sync": action.sync,
+            "auto-finalize": True,
+            "auto-dismiss": False,
+        }
+        if action.bitmap:
+            data["bitmap"] = action.bitmap
+        return {"type": "blockdev-backup", "data": data}
     raise TypeError(f"unknown action {action!r}")
 
 
@@ -83,6 +114,34 @@ def parse_bitmap(raw: dict[str, Any]) -> Bitmap:
     )
 
 
+# Filters QEMU inserts above a disk's format node (copy-before-write during a backup, throttle):
+# bitmaps and our operations belong to the format node beneath.
+FILTER_DRIVERS = frozenset(
+    {"copy-before-write", "throttle", "compress", "preallocate", "copy-on-read",
+     "blkdebug", "blklogwrites", "blkverify", "snapshot-access"}
+)
+PROTOCOL_DRIVERS = frozenset(
+    {"file", "host_device", "host_cdrom", "nbd", "nfs", "iscsi", "rbd", "ssh", "http", "https",
+     "gluster", "null-co", "null-aio", "nvme", "io_uring"}
+)
+
+
+def format_node(inserted: dict[str, Any], nodes: list[dict[str, Any]]) -> dict[str, Any]:
+    """The format node of a disk: the inserted node, or the one a filter sits on.
+
+    query-named-block-nodes lists no parent/child edges, but a filter reports the same `file`
+    as the node beneath it; among nodes with that file, the format node is the one that is
+    neither a filter nor a protocol node.
+    """
+    if inserted.get("drv") not in FILTER_DRIVERS:
+        return inserted
+    for n in nodes:
+        drv = n.get("drv")
+        if n.get("file") == inserted.get("file") and drv not in FILTER_DRIVERS | PROTOCOL_DRIVERS:
+            return n
+    return inserted
+
+
 def parse_domain_info(
     name: str, uuid: str | None, devices: list[dict[str, Any]], nodes: list[dict[str, Any]]
 ) -> DomainInfo:
@@ -93,6 +152,7 @@ def parse_domain_info(
         inserted = dev.get("inserted")
         if not inserted:
             continue  # no medium: nothing to checkpoint or back up
+        inserted = format_node(inserted, nodes)
         image = inserted.get("image", {})
         specific = image.get("format-specific", {})
         node = inserted["node-name"]
@@ -108,6 +168,7 @@ def parse_domain_info(
                 qcow2_v3=specific.get("type") == "qcow2"
                 and specific.get("data", {}).get("compat") != "0.10",
                 cluster_size=image.get("cluster-size"),
+                allocated=image.get("actual-size", 0),
                 bitmaps=tuple(parse_bitmap(b) for b in bitmaps.get(node, [])),
             )
         )
@@ -174,6 +235,117 @@ class QmpQemu:
     async def transaction(self, actions: Sequence[Action]) -> None:
         if actions:
             await self.execute("transaction", {"actions": [action_json(a) for a in actions]})
+
+    async def create_image(
+        self,
+        path: str,
+        file_node: str,
+        fmt: str,
+        size: int,
+        cluster_size: int | None = None,
+        backing: tuple[str, str] | None = None,
+    ) -> None:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            raise AlreadyExists(f"store '{path}' exists") from None
+        except OSError as e:
+            raise os_error(f"cannot create {path}", e) from None
+        try:
+            if fmt == "raw":
+                os.ftruncate(fd, size)
+        except OSError as e:
+            os.close(fd)
+            os.unlink(path)
+            raise os_error(f"cannot size {path}", e) from None
+        os.close(fd)
+        try:
+            await self.execute(
+                "blockdev-add", {"driver": "file", "node-name": file_node, "filename": path}
+            )
+        except BackendError:
+            os.unlink(path)
+            raise
+        if fmt == "raw":
+            return
+        options: dict[str, Any] = {"driver": fmt, "file": file_node, "size": size}
+        if cluster_size:
+            options["cluster-size"] = cluster_size
+        if backing:
+            options["backing-file"], options["backing-fmt"] = backing
+        try:
+            await self._run_job(f"create-{file_node}", "blockdev-create", {"options": options})
+        except BackendError:
+            await self._quietly("blockdev-del", {"node-name": file_node})
+            os.unlink(path)
+            raise
+
+    async def _run_job(self, job_id: str, command: str, arguments: dict[str, Any]) -> None:
+        """Run a job to its end, dismiss it, and raise if it failed."""
+        await self.execute(command, {"job-id": job_id, **arguments})
+        try:
+            while True:
+                job = next((j for j in await self.jobs() if j.id == job_id), None)
+                if job is None or job.status in ("concluded", "null"):
+                    break
+                await trio.sleep(0.001)
+        finally:
+            await self._quietly("job-dismiss", {"id": job_id})
+        if job is not None and job.error:
+            raise BackendError(f"{command} failed: {job.error}")
+
+    async def _quietly(self, command: str, arguments: dict[str, Any]) -> None:
+        """A clean-up command whose failure must not hide the error being handled."""
+        try:
+            await self.execute(command, arguments)
+        except BackendError as e:
+            log.warning("qmp %s: clean-up %s failed: %s", self._path.stem, command, e)
+
+    async def add_format_node(
+        self, node: str, file_node: str, fmt: str, backing: str | None = None
+    ) -> None:
+        options: dict[str, Any] = {"driver": fmt, "node-name": node, "file": file_node}
+        if fmt == "qcow2":
+            # Without a backing node, never open the backing file named in the header.
+            options["backing"] = backing
+        await self.execute("blockdev-add", options)
+
+    async def delete_node(self, node: str) -> None:
+        await self.execute("blockdev-del", {"node-name": node})
+
+    async def nbd_server_start(self, address: NbdAddress) -> None:
+        if address.transport == "unix":
+            addr: dict[str, Any] = {"type": "unix", "data": {"path": address.path}}
+        else:
+            addr = {"type": "inet", "data": {"host": address.host, "port": str(address.port)}}
+        await self.execute("nbd-server-start", {"addr": addr})
+
+    async def nbd_server_stop(self) -> None:
+        await self.execute("nbd-server-stop")
+
+    async def export_add(self, export_id: str, node: str, name: str, bitmap: str | None) -> None:
+        args: dict[str, Any] = {
+            "type": "nbd", "id": export_id, "node-name": node, "name": name, "writable": False,
+        }
+        if bitmap:
+            args["bitmaps"] = [bitmap]
+        await self.execute("block-export-add", args)
+
+    async def export_del(self, export_id: str) -> None:
+        await self.execute("block-export-del", {"id": export_id, "mode": "hard"})
+
+    async def jobs(self) -> list[BlockJob]:
+        return [
+            BlockJob(j["id"], j["status"], j.get("current-progress", 0),
+                     j.get("total-progress", 0), j.get("error"))
+            for j in await self.execute("query-jobs")
+        ]
+
+    async def job_cancel(self, job_id: str) -> None:
+        await self.execute("block-job-cancel", {"device": job_id, "force": True})
+
+    async def job_dismiss(self, job_id: str) -> None:
+        await self.execute("job-dismiss", {"id": job_id})
 
     async def close(self) -> None:
         self._closed = True

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from vcfs.domain.align import align_checkpoint, fill_bitmap_names
@@ -67,6 +68,14 @@ def checkpoint_problems(cp: CheckpointDef, info: DomainInfo) -> list[str]:
         elif reason := bitmap.usable_problem():
             problems.append(f"bitmap '{cp.name}' on disk '{entry.name}' {reason}")
     return problems
+
+
+@dataclass
+class PreparedCheckpoint:
+    """A validated new checkpoint and the bitmap adds that will make it real."""
+
+    definition: CheckpointDef
+    actions: list[AddBitmap]
 
 
 class CheckpointService:
@@ -203,6 +212,21 @@ class CheckpointService:
             await self._create(CheckpointDef(name=name, disks=disks))
 
     async def _create(self, cp: CheckpointDef) -> None:
+        prepared = await self.prepare(cp)
+        try:
+            await self._domain.qemu.transaction(prepared.actions)
+        except QmpCommandError as e:
+            raise translate_qmp(e) from None
+        finally:
+            self._domain.invalidate()
+        await self.commit(prepared)
+
+    async def prepare(self, cp: CheckpointDef) -> PreparedCheckpoint:
+        """Validate and align a new checkpoint; return it with the bitmap adds it needs.
+
+        Nothing changes until the caller runs the actions (alone, or inside a backup's
+        transaction) and then calls `commit`. The caller holds the domain lock throughout.
+        """
         name = cp.name
         assert name
         if name in self._checkpoints:
@@ -229,23 +253,25 @@ class CheckpointService:
             creation_time=int(self._clock()),
             domain_xml=self._codec.format_domain(info),
         )
-        try:
-            await self._domain.qemu.transaction(actions)
-        except QmpCommandError as e:
-            raise translate_qmp(e) from None
-        finally:
-            self._domain.invalidate()
+        return PreparedCheckpoint(cp, actions)
+
+    async def commit(self, prepared: PreparedCheckpoint) -> None:
+        """Record a checkpoint whose bitmaps now exist; on failure remove them again."""
+        cp = prepared.definition
+        assert cp.name
         try:
             self._store.save(self._domain.name, cp)
-            self._store.set_current(self._domain.name, name)
+            self._store.set_current(self._domain.name, cp.name)
         except VcfsError:
-            await self._undo_create(cp, actions)
+            await self.undo(prepared)
             raise
-        self._checkpoints[name] = Checkpoint(cp)
-        self.current = name
-        log.info("domain %s: created checkpoint %s", self._domain.name, name)
+        self._checkpoints[cp.name] = Checkpoint(cp)
+        self.current = cp.name
+        log.info("domain %s: created checkpoint %s", self._domain.name, cp.name)
 
-    async def _undo_create(self, cp: CheckpointDef, actions: list[AddBitmap]) -> None:
+    async def undo(self, prepared: PreparedCheckpoint) -> None:
+        """Remove the bitmaps (and any metadata) of a checkpoint that could not be committed."""
+        cp = prepared.definition
         assert cp.name
         try:
             self._store.remove(self._domain.name, cp.name)
@@ -254,7 +280,9 @@ class CheckpointService:
             log.error("domain %s: cannot roll back metadata of %s: %s", self._domain.name,
                       cp.name, e)
         try:
-            await self._domain.qemu.transaction([RemoveBitmap(a.node, a.name) for a in actions])
+            await self._domain.qemu.transaction(
+                [RemoveBitmap(a.node, a.name) for a in prepared.actions]
+            )
         except VcfsError as e:
             log.error("domain %s: cannot roll back bitmaps of %s: %s", self._domain.name,
                       cp.name, e)

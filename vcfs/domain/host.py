@@ -14,10 +14,12 @@ import os
 import stat
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import trio
 
+from vcfs.domain.backups import BackupService, ExportOpener
 from vcfs.domain.checkpoints import CheckpointService
 from vcfs.domain.errorlog import ErrorLog
 from vcfs.domain.model import DomainInfo
@@ -35,16 +37,35 @@ RETRY_FAILED_AFTER = 10.0
 unless it is replaced by a new socket file."""
 
 
-class Domain:
-    """One running QEMU: its monitor, briefly cached info, checkpoints and error log."""
+@dataclass
+class Environment:
+    """What every domain's services need from the composition root."""
 
-    def __init__(self, name: str, qemu: Qemu, store: CheckpointStore, codec: Codec) -> None:
+    store: CheckpointStore
+    codec: Codec
+    runtime_dir: Path
+    scratch_dir: Path
+    open_export: ExportOpener
+
+
+class Domain:
+    """One running QEMU: its monitor, briefly cached info, checkpoints, backups, error log."""
+
+    def __init__(
+        self, name: str, qemu: Qemu, env: Environment, spawn: Callable[..., None]
+    ) -> None:
         self.name = name
         self.qemu = qemu
+        self.spawn = spawn
+        """Start a background task that lives as long as the mount."""
         self.errors = ErrorLog()
         self.lock = trio.Lock()
-        self.checkpoints = CheckpointService(self, store, codec)
+        self.checkpoints = CheckpointService(self, env.store, env.codec)
+        self.backups = BackupService(
+            self, env.codec, env.runtime_dir, env.scratch_dir, env.open_export
+        )
         self.created = time.time()
+        self.socket_ino = 0
         self._info: DomainInfo | None = None
         self._info_at = 0.0
 
@@ -80,11 +101,11 @@ Connector = Callable[[Path], Awaitable[Qemu]]
 class Host:
     """The set of domains behind a directory of QMP sockets."""
 
-    def __init__(self, path: Path, connect: Connector, store: CheckpointStore, codec: Codec):
+    def __init__(self, path: Path, connect: Connector, env: Environment) -> None:
         self.path = path
         self._connect = connect
-        self._store = store
-        self._codec = codec
+        self._env = env
+        self._nursery: trio.Nursery | None = None
         self._domains: dict[str, Domain] = {}
         self._failed: dict[str, tuple[int, float]] = {}
         self._lock = trio.Lock()
@@ -99,12 +120,22 @@ class Host:
         return self._domains.get(name)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Scan now, report ready, then rescan every second until cancelled."""
-        await self.scan()
-        task_status.started()
-        while True:
-            await trio.sleep(SCAN_INTERVAL)
+        """Scan now, report ready, then rescan every second until cancelled.
+
+        Background tasks of the domains (push-job watchers, read prefetches) run in this task's
+        nursery, so they end with the mount.
+        """
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             await self.scan()
+            task_status.started()
+            while True:
+                await trio.sleep(SCAN_INTERVAL)
+                await self.scan()
+
+    def _spawn(self, fn: Callable[..., Awaitable[object]], *args: object) -> None:
+        assert self._nursery is not None, "Host.run() is not running"
+        self._nursery.start_soon(fn, *args)
 
     async def refresh(self, max_age: float = 0.5) -> None:
         """Rescan unless a scan finished less than `max_age` seconds ago."""
@@ -116,9 +147,17 @@ class Host:
         async with self._lock:
             sockets = self._sockets()
             for name, dom in list(self._domains.items()):
-                if name not in sockets or dom.qemu.closed:
+                if dom.qemu.closed:
+                    dom.backups.qemu_gone()
+                gone = name not in sockets or dom.qemu.closed
+                # A domain whose QEMU died with a backup job stays, so that the job's failed
+                # status can be read, until the job is removed or the VM comes back.
+                if gone and dom.backups.names() and sockets.get(name) in (None, dom.socket_ino):
+                    continue
+                if gone:
                     log.info("domain %s: gone", name)
                     del self._domains[name]
+                    await dom.backups.abandon()
                     await dom.qemu.close()
             now = trio.current_time()
             todo = []
@@ -160,7 +199,8 @@ class Host:
             log.debug("domain %s: not connected: %s", name, e)
             self._failed[name] = (ino, trio.current_time())
             return
-        dom = Domain(name, qemu, self._store, self._codec)
+        dom = Domain(name, qemu, self._env, self._spawn)
+        dom.socket_ino = ino
         try:
             await dom.start()
         except VcfsError as e:
@@ -175,5 +215,6 @@ class Host:
     async def close(self) -> None:
         """Disconnect every domain."""
         for dom in self._domains.values():
+            await dom.backups.abandon()
             await dom.qemu.close()
         self._domains.clear()

@@ -56,6 +56,8 @@ class Disk:
     qdev: str = ""
     qcow2_v3: bool = False
     cluster_size: int | None = None
+    allocated: int = 0
+    """Bytes the image file occupies on the host (QEMU's actual-size)."""
     bitmaps: tuple[Bitmap, ...] = ()
 
     @property

@@ -25,3 +25,15 @@ def check_checkpoint_name(name: str) -> str:
     if name in RESERVED:
         raise InvalidInput(f"checkpoint name {name!r} is reserved")
     return name
+
+
+def check_job_name(name: str) -> str:
+    """Return `name` if it can name a backup job directory, else raise InvalidInput."""
+    if not NAME_PATTERN.fullmatch(name) or len(name.encode()) > MAX_NAME_BYTES:
+        raise InvalidInput(
+            f"invalid backup name {name!r}: use letters, digits, '_', '-' and '.', "
+            "not starting with '.'"
+        )
+    if name in RESERVED:
+        raise InvalidInput(f"backup name {name!r} is reserved")
+    return name

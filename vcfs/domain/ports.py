@@ -10,7 +10,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from vcfs.domain.model import CheckpointDef, DiskRef, DomainInfo
+from vcfs.domain.extents import Extent
+from vcfs.domain.model import BackupDef, CheckpointDef, DiskRef, DomainInfo
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,51 @@ class RemoveBitmap:
     name: str
 
 
-Action = AddBitmap | RemoveBitmap
+@dataclass(frozen=True)
+class MergeBitmaps:
+    """`block-dirty-bitmap-merge` of bitmaps (node, name) into `node`/`target`."""
+
+    node: str
+    target: str
+    sources: tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True)
+class BlockdevBackup:
+    """`blockdev-backup` as a transaction action (auto-finalize, never auto-dismiss)."""
+
+    device: str
+    job_id: str
+    target: str
+    sync: str
+    """`none` (pull: fleecing), `full` or `incremental` (push)."""
+    bitmap: str | None = None
+
+
+Action = AddBitmap | RemoveBitmap | MergeBitmaps | BlockdevBackup
+
+
+@dataclass(frozen=True)
+class BlockJob:
+    """A job as `query-jobs` reports it."""
+
+    id: str
+    status: str
+    """QEMU's job status: created, running, paused, ready, concluded, null, …"""
+    current: int = 0
+    total: int = 0
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class NbdAddress:
+    """Where QEMU's NBD server listens: a unix socket or a TCP address."""
+
+    transport: str
+    """`unix` or `tcp`."""
+    path: str | None = None
+    host: str | None = None
+    port: int | None = None
 
 
 class Qemu(Protocol):
@@ -54,6 +99,48 @@ class Qemu(Protocol):
     async def close(self) -> None:
         """Drop the connection. Never raises."""
         ...
+
+    async def create_image(
+        self,
+        path: str,
+        file_node: str,
+        fmt: str,
+        size: int,
+        cluster_size: int | None = None,
+        backing: tuple[str, str] | None = None,
+    ) -> None:
+        """Create a new image file (AlreadyExists if the path exists) and attach its protocol
+        node `file_node`; for qcow2, format it to `size` (recording `backing` = (file, format)
+        in its header when given). The caller adds the format node with `add_format_node`."""
+        ...
+
+    async def add_format_node(
+        self, node: str, file_node: str, fmt: str, backing: str | None = None
+    ) -> None:
+        """`blockdev-add` a format node over `file_node`, with `backing` node when given."""
+        ...
+
+    async def delete_node(self, node: str) -> None:
+        """`blockdev-del`."""
+        ...
+
+    async def nbd_server_start(self, address: NbdAddress) -> None: ...
+
+    async def nbd_server_stop(self) -> None: ...
+
+    async def export_add(self, export_id: str, node: str, name: str, bitmap: str | None) -> None:
+        """A read-only NBD export of `node`, publishing `bitmap` as a dirty-bitmap context."""
+        ...
+
+    async def export_del(self, export_id: str) -> None:
+        """Remove an export, disconnecting its clients."""
+        ...
+
+    async def jobs(self) -> list[BlockJob]: ...
+
+    async def job_cancel(self, job_id: str) -> None: ...
+
+    async def job_dismiss(self, job_id: str) -> None: ...
 
 
 class CheckpointStore(Protocol):
@@ -90,3 +177,29 @@ class Codec(Protocol):
     def format_domain(self, info: DomainInfo) -> bytes: ...
 
     def parse_domain(self, domain_xml: bytes) -> tuple[str | None, list[DiskRef]]: ...
+
+    def parse_backup(self, data: bytes, *, internal: bool = False) -> BackupDef: ...
+
+    def format_backup(self, backup: BackupDef, *, internal: bool = False) -> bytes: ...
+
+
+class Export(Protocol):
+    """A read-only NBD export, read from worker threads (libnbd's calls block).
+
+    Methods here are plain blocking functions: callers run them with `trio.to_thread`.
+    Implementations keep a pool of connections so several calls can be in flight.
+    """
+
+    size: int
+
+    def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+        """The bytes of each (offset, length) range, in order."""
+        ...
+
+    def block_status(self, offset: int, length: int) -> list[Extent]:
+        """Extents from `offset` (possibly covering less than `length`)."""
+        ...
+
+    def close(self) -> None:
+        """Disconnect; calls in flight or later fail with BackendError."""
+        ...

@@ -23,7 +23,7 @@ from vcfs.errors import InvalidInput, TooLarge, VcfsError
 from vcfs.fs.errnos import errno_for, errno_name
 from vcfs.fs.inodes import InodeTable
 from vcfs.tree.fstree import Tree
-from vcfs.tree.nodes import MAX_REQUEST, ControlFile, Dir, Kind, Link, Node, ReadFile
+from vcfs.tree.nodes import MAX_REQUEST, ControlFile, Dir, ImageFile, Kind, Link, Node, ReadFile
 
 log = logging.getLogger(__name__)
 
@@ -109,9 +109,15 @@ class Operations(pyfuse3.Operations):
         attr.st_uid = self._uid
         attr.st_gid = self._gid
         attr.st_rdev = 0
-        attr.st_size = len(node.target.encode()) if isinstance(node, Link) else 0
-        attr.st_blksize = 4096
+        attr.st_size = 0
         attr.st_blocks = 0
+        if isinstance(node, Link):
+            attr.st_size = len(node.target.encode())
+        elif isinstance(node, ImageFile):
+            attr.st_size = node.size
+            # The allocated size, so that `cp` makes a sparse copy.
+            attr.st_blocks = -(-node.allocated() // 512)
+        attr.st_blksize = 4096
         ns = int(node.mtime * 1e9)
         attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = ns
         return attr
@@ -268,6 +274,11 @@ class Operations(pyfuse3.Operations):
         elif isinstance(node, ControlFile):
             if access != os.O_WRONLY:
                 raise pyfuse3.FUSEError(errno.EACCES)
+        elif isinstance(node, ImageFile):
+            if access != os.O_RDONLY:
+                raise pyfuse3.FUSEError(errno.EACCES)
+            # Point-in-time images never change: let the kernel keep their pages.
+            return pyfuse3.FileInfo(fh=self._new_handle(handle), keep_cache=True)
         else:
             raise pyfuse3.FUSEError(errno.EISDIR if node.kind is Kind.DIR else errno.EINVAL)
         # Rendered content has no size in getattr: direct I/O makes the kernel read to EOF.
@@ -275,7 +286,13 @@ class Operations(pyfuse3.Operations):
 
     @guarded
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        return self._handles[fh].content[off : off + size]
+        handle = self._handles[fh]
+        if isinstance(handle.node, ImageFile):
+            try:
+                return await handle.node.read(off, size)
+            except VcfsError as e:
+                raise self._failure(handle.path, e) from None
+        return handle.content[off : off + size]
 
     @guarded
     async def write(self, fh: int, off: int, buf: bytes) -> int:

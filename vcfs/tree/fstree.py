@@ -11,10 +11,11 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
+from vcfs.domain.backups import BackupJob, BackupService
 from vcfs.domain.checkpoints import CheckpointService
 from vcfs.domain.host import Domain, Host
 from vcfs.domain.ports import Codec
-from vcfs.tree.nodes import ControlFile, Dir, Link, Node, ReadFile
+from vcfs.tree.nodes import ControlFile, Dir, ImageFile, Link, Node, ReadFile
 
 
 class Tree:
@@ -69,7 +70,7 @@ class DomainDir(Dir):
         self.codec = codec
 
     async def names(self) -> list[str]:
-        return ["xml", "errors", "checkpoints"]
+        return ["xml", "errors", "checkpoints", "backups"]
 
     async def child(self, name: str) -> Node | None:
         dom = self.dom
@@ -79,6 +80,8 @@ class DomainDir(Dir):
             return ReadFile(lambda: _value(dom.errors.render()), self.mtime)
         if name == "checkpoints":
             return CheckpointsDir(dom, self.codec)
+        if name == "backups":
+            return BackupsDir(dom, self.codec)
         return None
 
     async def _domain_xml(self) -> bytes:
@@ -148,6 +151,81 @@ class CheckpointDir(Dir):
     async def _delete(self, line: bytes) -> None:
         modes = self.cps.parse_delete_modes(line.decode(errors="replace"))
         await self.cps.delete(self.name, modes)
+
+
+class BackupsDir(Dir):
+    """`<dom>/backups/`: `new` begins a job, `mkdir` a default full pull, `rmdir` ends one."""
+
+    def __init__(self, dom: Domain, codec: Codec) -> None:
+        super().__init__(dom.created)
+        self.backups: BackupService = dom.backups
+        self.codec = codec
+
+    async def names(self) -> list[str]:
+        return ["new"] + (["latest"] if self.backups.latest else []) + self.backups.names()
+
+    async def child(self, name: str) -> Node | None:
+        if name == "new":
+            return ControlFile(self.backups.begin, self.mtime, self.codec.document_complete)
+        if name == "latest":
+            latest = self.backups.latest
+            return Link(latest, self.mtime) if latest else None
+        job = self.backups.get(name)
+        return BackupDir(self.backups, job) if job else None
+
+    async def mkdir(self, name: str) -> None:
+        await self.backups.begin_default(name)
+
+    async def rmdir(self, name: str) -> None:
+        await self.backups.end(name)
+
+
+class BackupDir(Dir):
+    """`<dom>/backups/<id>/`."""
+
+    def __init__(self, backups: BackupService, job: BackupJob) -> None:
+        super().__init__(job.started)
+        self.backups = backups
+        self.job = job
+
+    async def names(self) -> list[str]:
+        return ["xml", "status", "disks"]
+
+    async def child(self, name: str) -> Node | None:
+        job_id = self.job.id
+        if name == "xml":
+            return ReadFile(lambda: _value(self.backups.xml(job_id)), self.mtime)
+        if name == "status":
+            return ReadFile(lambda: self.backups.status(job_id), self.mtime)
+        if name == "disks":
+            return DisksDir(self.job, self.mtime)
+        return None
+
+
+class DisksDir(Dir):
+    """`<dom>/backups/<id>/disks/`: the point-in-time images of a pull backup."""
+
+    def __init__(self, job: BackupJob, mtime: float) -> None:
+        super().__init__(mtime)
+        self.job = job
+
+    async def names(self) -> list[str]:
+        return [d.target for d in self.job.disks if d.reader is not None]
+
+    async def child(self, name: str) -> Node | None:
+        d = self.job.disk(name)
+        if d is None or d.reader is None:
+            return None
+        reader = d.reader
+        disk = d.disk
+
+        def allocated() -> int:
+            known = reader.extents.known()
+            if known is None:
+                return min(disk.allocated, disk.size)  # an estimate until the map is complete
+            return sum(e.length for e in known if not e.zero)
+
+        return ImageFile(disk.size, reader.read, allocated, self.mtime)
 
 
 async def _value(data: bytes) -> bytes:

@@ -97,3 +97,19 @@ class Link(Node):
     def __init__(self, target: str, mtime: float) -> None:
         super().__init__(Kind.LINK, 0o777, mtime)
         self.target = target
+
+
+class ImageFile(Node):
+    """A read-only disk image of known size, read at any offset (immutable: cacheable)."""
+
+    def __init__(
+        self,
+        size: int,
+        read: Callable[[int, int], Awaitable[bytes]],
+        allocated: Callable[[], int],
+        mtime: float,
+    ) -> None:
+        super().__init__(Kind.FILE, 0o400, mtime)
+        self.size = size
+        self.read = read
+        self.allocated = allocated

@@ -1,0 +1,138 @@
+"""The `Export` port over libnbd: a pool of connections to one read-only NBD export.
+
+libnbd's synchronous calls block (and release the GIL): they run in worker threads, each call
+taking a connection from the pool, so several reads are in flight at once.
+Thread rule: any worker thread; `close()` from any thread.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Sequence
+
+import nbd
+
+from vcfs.domain.extents import Extent, merge_adjacent
+from vcfs.domain.ports import NbdAddress
+from vcfs.errors import BackendError
+
+STATE_ZERO = 2  # NBD_STATE_ZERO in base:allocation
+STATE_DIRTY = 1  # set bits of a qemu:dirty-bitmap context
+MAX_STATUS = 1 << 30
+
+
+def merge_contexts(offset: int, alloc: list[int], dirty: list[int] | None) -> list[Extent]:
+    """Extents from base:allocation and (optionally) a dirty-bitmap context's flat lists.
+
+    Each list is [length, flags, length, flags, …] from `offset`. Without a bitmap (a full
+    backup) every non-zero extent is dirty. The result stops where either context stops.
+    """
+    def runs(flat: list[int]) -> list[tuple[int, int]]:
+        return [(flat[i], flat[i + 1]) for i in range(0, len(flat) - 1, 2)]
+
+    a, d = runs(alloc), runs(dirty) if dirty is not None else None
+    out = []
+    pos, ia, id_ = offset, 0, 0
+    a_end = offset + (a[0][0] if a else 0)
+    d_end = offset + (d[0][0] if d else 0) if d is not None else None
+    while ia < len(a) and (d is None or id_ < len(d)):
+        zero = bool(a[ia][1] & STATE_ZERO)
+        if d is None:
+            out.append(Extent(pos, a_end - pos, zero, not zero))
+            pos = a_end
+            ia += 1
+            a_end = pos + (a[ia][0] if ia < len(a) else 0)
+            continue
+        assert d_end is not None
+        end = min(a_end, d_end)
+        out.append(Extent(pos, end - pos, zero, bool(d[id_][1] & STATE_DIRTY)))
+        pos = end
+        if pos == a_end:
+            ia += 1
+            a_end = pos + (a[ia][0] if ia < len(a) else 0)
+        if pos == d_end:
+            id_ += 1
+            d_end = pos + (d[id_][0] if id_ < len(d) else 0)
+    return merge_adjacent(out)
+
+
+class NbdExport:
+    """A read-only NBD export with a pool of `connections` libnbd handles."""
+
+    def __init__(
+        self, address: NbdAddress, name: str, bitmap: str | None, connections: int = 4
+    ) -> None:
+        self.address = address
+        self.name = name
+        self.bitmap = bitmap
+        self._pool: queue.SimpleQueue[nbd.NBD] = queue.SimpleQueue()
+        self._all: list[nbd.NBD] = []
+        self._lock = threading.Lock()
+        self._closed = False
+        first = self._connect()
+        self.size = first.get_size()
+        self._pool.put(first)
+        for _ in range(connections - 1):
+            self._pool.put(self._connect())
+
+    def _connect(self) -> nbd.NBD:
+        h = nbd.NBD()
+        h.add_meta_context("base:allocation")
+        if self.bitmap:
+            h.add_meta_context(f"qemu:dirty-bitmap:{self.bitmap}")
+        h.set_export_name(self.name)
+        try:
+            if self.address.transport == "unix":
+                h.connect_unix(self.address.path)
+            else:
+                h.connect_tcp(self.address.host, str(self.address.port))
+        except nbd.Error as e:
+            raise BackendError(f"cannot connect to NBD export '{self.name}': {e}") from None
+        with self._lock:
+            self._all.append(h)
+        return h
+
+    def _take(self) -> nbd.NBD:
+        if self._closed:
+            raise BackendError("the backup has ended")
+        return self._pool.get()
+
+    def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+        h = self._take()
+        try:
+            return [h.pread(length, offset) for offset, length in ranges]
+        except nbd.Error as e:
+            raise BackendError(f"NBD read from '{self.name}' failed: {e}") from None
+        finally:
+            self._pool.put(h)
+
+    def block_status(self, offset: int, length: int) -> list[Extent]:
+        h = self._take()
+        contexts: dict[str, list[int]] = {}
+
+        def collect(meta: str, start: int, entries: list[int], err: object) -> int:
+            contexts[meta] = list(entries)
+            return 0
+
+        try:
+            h.block_status(min(length, MAX_STATUS), offset, collect)
+        except nbd.Error as e:
+            raise BackendError(f"NBD block status of '{self.name}' failed: {e}") from None
+        finally:
+            self._pool.put(h)
+        dirty = contexts.get(f"qemu:dirty-bitmap:{self.bitmap}") if self.bitmap else None
+        if self.bitmap and dirty is None:
+            raise BackendError(f"export '{self.name}' did not report bitmap '{self.bitmap}'")
+        return merge_contexts(offset, contexts.get("base:allocation", []), dirty)
+
+    def close(self) -> None:
+        self._closed = True
+        with self._lock:
+            handles, self._all = self._all, []
+        for h in handles:
+            # shutdown() wakes a thread blocked in a read on this handle with an error.
+            try:
+                h.shutdown()
+            except nbd.Error:
+                pass
