@@ -53,7 +53,7 @@ def mnt(vm, vcfs_mount):
 
 def test_root_lists_domains_and_domain_xml(vm, mnt, sh):
     assert listing(mnt.path) == ["vm1"]
-    assert listing(mnt.path / "vm1") == ["checkpoints", "errors", "xml"]
+    assert listing(mnt.path / "vm1") == ["backups", "checkpoints", "errors", "xml"]
     xml = sh(f"cat {mnt.path}/vm1/xml").stdout
     assert f"<uuid>{vm.uuid}</uuid>" in xml
     assert "<target dev='vda' bus='virtio'/>" in xml and "<target dev='vdc' bus='virtio'/>" in xml
