@@ -70,11 +70,12 @@ class NbdExport:
         self._all: list[nbd.NBD] = []
         self._lock = threading.Lock()
         self._closed = False
+        self._max = connections
+        self._count = 1
+        # One connection now (the first byte waits for it); more only when reads overlap.
         first = self._connect()
         self.size = first.get_size()
         self._pool.put(first)
-        for _ in range(connections - 1):
-            self._pool.put(self._connect())
 
     def _connect(self) -> nbd.NBD:
         h = nbd.NBD()
@@ -96,6 +97,21 @@ class NbdExport:
     def _take(self) -> nbd.NBD:
         if self._closed:
             raise BackendError("the backup has ended")
+        try:
+            return self._pool.get_nowait()
+        except queue.Empty:
+            pass
+        with self._lock:
+            grow = self._count < self._max
+            if grow:
+                self._count += 1
+        if grow:
+            try:
+                return self._connect()
+            except BackendError:
+                with self._lock:
+                    self._count -= 1
+                raise
         return self._pool.get()
 
     def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:

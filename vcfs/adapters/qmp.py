@@ -26,6 +26,7 @@ from qemu.qmp import (
 
 from vcfs.adapters.bridge import AsyncioBridge
 from vcfs.adapters.state import os_error
+from vcfs.domain import qcow2
 from vcfs.domain.model import Bitmap, Disk, DomainInfo
 from vcfs.domain.ports import (
     Action,
@@ -245,6 +246,9 @@ class QmpQemu:
         cluster_size: int | None = None,
         backing: tuple[str, str] | None = None,
     ) -> None:
+        # Writing the few metadata clusters of an empty qcow2 ourselves takes microseconds;
+        # QEMU's blockdev-create job costs a job round trip and flushes (≈ 25 ms measured).
+        content = b"" if fmt == "raw" else qcow2.empty_image(size, cluster_size or 65536, backing)
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except FileExistsError:
@@ -252,13 +256,14 @@ class QmpQemu:
         except OSError as e:
             raise os_error(f"cannot create {path}", e) from None
         try:
+            os.write(fd, content)
             if fmt == "raw":
                 os.ftruncate(fd, size)
         except OSError as e:
-            os.close(fd)
             os.unlink(path)
-            raise os_error(f"cannot size {path}", e) from None
-        os.close(fd)
+            raise os_error(f"cannot write {path}", e) from None
+        finally:
+            os.close(fd)
         try:
             await self.execute(
                 "blockdev-add", {"driver": "file", "node-name": file_node, "filename": path}
@@ -266,40 +271,6 @@ class QmpQemu:
         except BackendError:
             os.unlink(path)
             raise
-        if fmt == "raw":
-            return
-        options: dict[str, Any] = {"driver": fmt, "file": file_node, "size": size}
-        if cluster_size:
-            options["cluster-size"] = cluster_size
-        if backing:
-            options["backing-file"], options["backing-fmt"] = backing
-        try:
-            await self._run_job(f"create-{file_node}", "blockdev-create", {"options": options})
-        except BackendError:
-            await self._quietly("blockdev-del", {"node-name": file_node})
-            os.unlink(path)
-            raise
-
-    async def _run_job(self, job_id: str, command: str, arguments: dict[str, Any]) -> None:
-        """Run a job to its end, dismiss it, and raise if it failed."""
-        await self.execute(command, {"job-id": job_id, **arguments})
-        try:
-            while True:
-                job = next((j for j in await self.jobs() if j.id == job_id), None)
-                if job is None or job.status in ("concluded", "null"):
-                    break
-                await trio.sleep(0.001)
-        finally:
-            await self._quietly("job-dismiss", {"id": job_id})
-        if job is not None and job.error:
-            raise BackendError(f"{command} failed: {job.error}")
-
-    async def _quietly(self, command: str, arguments: dict[str, Any]) -> None:
-        """A clean-up command whose failure must not hide the error being handled."""
-        try:
-            await self.execute(command, arguments)
-        except BackendError as e:
-            log.warning("qmp %s: clean-up %s failed: %s", self._path.stem, command, e)
 
     async def add_format_node(
         self, node: str, file_node: str, fmt: str, backing: str | None = None
