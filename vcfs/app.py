@@ -35,6 +35,7 @@ class Config:
     state_dir: Path
     runtime_dir: Path
     fuse_options: list[str] = field(default_factory=list)
+    cache_images: bool = False
 
 
 async def serve(config: Config, ready: Callable[[], None] = lambda: None) -> None:
@@ -52,7 +53,9 @@ async def serve(config: Config, ready: Callable[[], None] = lambda: None) -> Non
 
     env = Environment(store, codec, config.runtime_dir, scratch_dir, NbdExport)
     host = Host(config.host_dir, connect, env)
-    mount = FuseMount(Tree(host, codec), config.mountpoint, config.fuse_options)
+    mount = FuseMount(
+        Tree(host, codec), config.mountpoint, config.fuse_options, config.cache_images
+    )
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(host.run)

@@ -51,6 +51,9 @@ def parser() -> argparse.ArgumentParser:
                    help=f"checkpoint metadata (default {state})")
     m.add_argument("--runtime-dir", type=Path, default=runtime,
                    help=f"NBD sockets and scratch (default {runtime})")
+    m.add_argument("--cache-images", action="store_true",
+                   help="let the kernel page cache keep backup images (default: direct I/O, "
+                   "faster for images read once)")
     m.add_argument("--log-file", type=Path, help="log here (background mode logs nowhere else)")
     m.add_argument("--debug", action="store_true", help="log QMP traffic and every request")
 
@@ -99,6 +102,7 @@ def mount_config(args: argparse.Namespace) -> Config:
         state_dir=args.state_dir.resolve(),
         runtime_dir=args.runtime_dir.resolve(),
         fuse_options=options,
+        cache_images=args.cache_images,
     )
 
 

@@ -112,7 +112,9 @@ class ImageReader:
                 return self._blocks[b]
             if self._closed:
                 break
-            event = self._pending.get(b) or self._start(b)
+            event = self._pending.get(b)
+            if event is None:
+                event = self._start(b)
             await event.wait()
             if b in self._failures:
                 raise self._failures[b]

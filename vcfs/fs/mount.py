@@ -2,21 +2,50 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
 import pyfuse3
+import trio
 
 from vcfs.fs.ops import Operations
 from vcfs.tree.fstree import Tree
+
+log = logging.getLogger(__name__)
+
+
+READ_AHEAD_KB = 1024
+"""The kernel then asks for 1 MiB per read instead of 128 KiB: Python's cost is per request."""
+
+
+def set_read_ahead(mountpoint: Path, kb: int) -> None:
+    """Raise the read-ahead of the mount's backing device info (root only; best effort).
+
+    The device number comes from mountinfo: stat()ing our own mount point here would wait for
+    a FUSE loop that is not running yet.
+    """
+    target = str(mountpoint)
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                fields = line.split()
+                if fields[4] == target:
+                    with open(f"/sys/class/bdi/{fields[2]}/read_ahead_kb", "w") as ra:
+                        ra.write(f"{kb}\n")
+                    return
+    except OSError as e:
+        log.info("cannot raise read-ahead of %s: %s", mountpoint, e)
 
 
 class FuseMount:
     """One mounted vcfs: `open()` mounts, `run()` serves until unmounted, `close()` unmounts."""
 
-    def __init__(self, tree: Tree, mountpoint: Path, options: Sequence[str]) -> None:
+    def __init__(
+        self, tree: Tree, mountpoint: Path, options: Sequence[str], cache_images: bool = False
+    ) -> None:
         self.mountpoint = mountpoint
-        self.ops = Operations(tree)
+        self.ops = Operations(tree, cache_images)
         opts = {"fsname=vcfs", "subtype=vcfs", *options}
         # With allow_other the kernel must check our modes (disk images 0400, …).
         if "allow_other" in opts:
@@ -31,7 +60,17 @@ class FuseMount:
 
     async def run(self) -> None:
         """Serve requests until the filesystem is unmounted."""
-        await pyfuse3.main()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._tune_read_ahead)
+            await pyfuse3.main()
+            nursery.cancel_scope.cancel()
+
+    async def _tune_read_ahead(self) -> None:
+        # The kernel caps read-ahead when it gets the INIT reply, so raise it only after that:
+        # libfuse replies as soon as Operations.init() returns.
+        await self.ops.initialized.wait()
+        await trio.sleep(0.01)
+        set_read_ahead(self.mountpoint, READ_AHEAD_KB)
 
     def close(self) -> None:
         """Unmount (if still mounted) and release the session."""

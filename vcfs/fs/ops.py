@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import pyfuse3
+import trio
 
 from vcfs.errors import InvalidInput, TooLarge, VcfsError
 from vcfs.fs.errnos import errno_for, errno_name
@@ -33,6 +34,8 @@ F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 # and domains change under the kernel's feet.
 ENTRY_TIMEOUT = 0.0
 ATTR_TIMEOUT = 0.0
+IMAGE_TIMEOUT = 3600.0
+IMAGE_BLKSIZE = 1 << 20
 
 KIND_BITS = {Kind.DIR: 0o040000, Kind.FILE: 0o100000, Kind.LINK: 0o120000}
 
@@ -70,14 +73,20 @@ class Operations(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, tree: Tree) -> None:
+    def __init__(self, tree: Tree, cache_images: bool = False) -> None:
         super().__init__()
         self.tree = tree
+        self.cache_images = cache_images
         self.inodes = InodeTable()
         self._handles: dict[int, Handle] = {}
         self._next_fh = 1
         self._uid = os.getuid()
         self._gid = os.getgid()
+        self.initialized = trio.Event()
+
+    def init(self) -> None:
+        """The kernel's INIT request is being answered."""
+        self.initialized.set()
 
     # ---- helpers ----------------------------------------------------------------------------
 
@@ -102,8 +111,11 @@ class Operations(pyfuse3.Operations):
         attr = pyfuse3.EntryAttributes()
         attr.st_ino = self.inodes.inode(path)
         attr.generation = 0
-        attr.entry_timeout = ENTRY_TIMEOUT
-        attr.attr_timeout = ATTR_TIMEOUT
+        # Images never change while they exist: without cached attributes the kernel would ask
+        # for them again before every read.
+        timeout = IMAGE_TIMEOUT if isinstance(node, ImageFile) else ATTR_TIMEOUT
+        attr.entry_timeout = timeout
+        attr.attr_timeout = timeout
         attr.st_mode = KIND_BITS[node.kind] | node.mode
         attr.st_nlink = 2 if node.kind is Kind.DIR else 1
         attr.st_uid = self._uid
@@ -117,7 +129,9 @@ class Operations(pyfuse3.Operations):
             attr.st_size = node.size
             # The allocated size, so that `cp` makes a sparse copy.
             attr.st_blocks = -(-node.allocated() // 512)
-        attr.st_blksize = 4096
+        # cp and rsync size their reads by st_blksize: 1 MiB reads cost a quarter of the
+        # per-request overhead of 256 KiB ones.
+        attr.st_blksize = IMAGE_BLKSIZE if isinstance(node, ImageFile) else 4096
         ns = int(node.mtime * 1e9)
         attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = ns
         return attr
@@ -277,8 +291,13 @@ class Operations(pyfuse3.Operations):
         elif isinstance(node, ImageFile):
             if access != os.O_RDONLY:
                 raise pyfuse3.FUSEError(errno.EACCES)
-            # Point-in-time images never change: let the kernel keep their pages.
-            return pyfuse3.FileInfo(fh=self._new_handle(handle), keep_cache=True)
+            # Point-in-time images never change, so the page cache could keep them; but filling
+            # it costs more than the read (343 MB/s against 1.3 GB/s with direct I/O, measured
+            # on a 4 GiB image here), and a backup is read once. Caching is a mount option.
+            fh = self._new_handle(handle)
+            if self.cache_images:
+                return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+            return pyfuse3.FileInfo(fh=fh, direct_io=True)
         else:
             raise pyfuse3.FUSEError(errno.EISDIR if node.kind is Kind.DIR else errno.EINVAL)
         # Rendered content has no size in getattr: direct I/O makes the kernel read to EOF.

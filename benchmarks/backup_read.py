@@ -1,0 +1,118 @@
+"""Reading a pull backup through vcfs against nbdcopy of the same NBD export, in one run.
+
+For a 4 GiB qcow2 disk holding 1 GiB of data - once in four 256 MiB runs, once in 64 KiB pieces
+scattered over the whole disk - begin one pull backup, then alternately copy the point-in-time
+image to a file with `cp disks/vda` (through vcfs) and with `nbdcopy` straight from the export
+vcfs's backup created. Caches are dropped before every run. Prints each run, the medians, the
+ratio of throughputs (nbdcopy time / cp time: 1.0 means as fast as nbdcopy), and the time from
+`new` to the first byte readable, next to libvirt's 59 ms `backup-begin` (which reads nothing).
+
+    .venv/bin/python benchmarks/backup_read.py [--rounds 3] [--layouts contiguous,scattered]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.harness import drop_caches, median, vcfs_mounted
+from vcfs.demo import VM, DiskSpec
+
+GiB, MiB, KiB = 1 << 30, 1 << 20, 1 << 10
+SIZE = 4 * GiB
+LIBVIRT_BACKUP_BEGIN_MS = 59.0
+
+
+def fill(image: Path, layout: str) -> None:
+    """Create the disk image holding 1 GiB of data in the given layout (before QEMU opens it)."""
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), str(SIZE)], check=True)
+    if layout == "contiguous":
+        cmds = [f"write -P 0x{0x40 + i:02x} {i * GiB} {256 * MiB}" for i in range(4)]
+    else:  # 1 GiB in 64 KiB pieces, one in every four clusters
+        cmds = [f"write -P 0x{(i % 200) + 1:02x} {i * 256 * KiB} {64 * KiB}"
+                for i in range(SIZE // (256 * KiB))]
+    subprocess.run(["qemu-io", "-f", "qcow2", str(image)], input="\n".join(cmds) + "\n",
+                   text=True, check=True, capture_output=True)
+
+
+def timed(cmd: list[str]) -> float:
+    drop_caches()
+    t = time.monotonic()
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed: {r.stderr.strip()}")
+    return time.monotonic() - t
+
+
+def first_byte_ms(dom: Path, rounds: int) -> list[float]:
+    """Time from writing `new` to the first byte read from the image, then end the backup."""
+    out = []
+    for _ in range(rounds):
+        t = time.monotonic()
+        fd = os.open(dom / "backups/new", os.O_WRONLY)
+        os.write(fd, b"<domainbackup mode='pull'/>")
+        os.close(fd)
+        job = os.readlink(dom / "backups/latest")
+        with open(dom / "backups" / job / "disks/vda", "rb", buffering=0) as f:
+            f.read(1)
+        out.append((time.monotonic() - t) * 1e3)
+        os.rmdir(dom / "backups" / job)
+    return out
+
+
+def run_layout(layout: str, rounds: int, base: Path) -> None:
+    vm = VM("bench", base / "host", base / "work", [DiskSpec("vda", size=SIZE)])
+    vm.work_dir.mkdir(parents=True, exist_ok=True)
+    fill(vm.image("vda"), layout)
+    vm.start()
+    try:
+        with vcfs_mounted(vm.host_dir, base / "vcfs") as mnt:
+            dom = mnt / "bench"
+            os.mkdir(dom / "backups/b")
+            xml = (dom / "backups/b/xml").read_text()
+            sock = re.search(r"socket='([^']+)'", xml)[1]
+            uri = f"nbd+unix:///vda?socket={sock}"
+            out = base / "copy.raw"
+            cp_times, nbd_times = [], []
+            for _ in range(rounds):
+                cp_times.append(timed(["cp", str(dom / "backups/b/disks/vda"), str(out)]))
+                out.unlink()
+                nbd_times.append(timed(["nbdcopy", uri, str(out)]))
+                out.unlink()
+            os.rmdir(dom / "backups/b")
+            fb = first_byte_ms(dom, 10)
+    finally:
+        vm.stop()
+        vm.kill()
+    cp, nc = median(cp_times), median(nbd_times)
+    print(f"\n{layout}: 4 GiB disk, 1 GiB data")
+    print("  cp via vcfs  : " + "  ".join(f"{t:6.2f}s" for t in cp_times)
+          + f"   median {cp:.2f} s = {SIZE / GiB / cp:.2f} GiB/s of image")
+    print("  nbdcopy      : " + "  ".join(f"{t:6.2f}s" for t in nbd_times)
+          + f"   median {nc:.2f} s = {SIZE / GiB / nc:.2f} GiB/s of image")
+    print(f"  throughput ratio vcfs/nbdcopy: {nc / cp:.2f}  (goal >= 0.8)")
+    print(f"  new -> first byte: median {median(fb):.1f} ms (min {min(fb):.1f}) over {len(fb)}"
+          f"   [libvirt backup-begin alone: {LIBVIRT_BACKUP_BEGIN_MS:.0f} ms]")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--layouts", default="contiguous,scattered")
+    args = parser.parse_args()
+    for layout in args.layouts.split(","):
+        base = Path(tempfile.mkdtemp(prefix="vcfs-bench-"))
+        try:
+            run_layout(layout, args.rounds, base)
+        finally:
+            shutil.rmtree(base, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""Shared set-up for the benchmarks: a real vcfs mount in a subprocess, torn down always."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+MOUNT_TIMEOUT = 10.0
+
+
+def is_mounted(path: Path) -> bool:
+    """Whether `path` is a mount point, per /proc/self/mountinfo (never stats the mount)."""
+    target = os.path.join(os.path.realpath(path.parent), path.name)
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            mount_point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), line.split()[4])
+            if mount_point == target:
+                return True
+    return False
+
+
+@contextlib.contextmanager
+def vcfs_mounted(host_dir: Path, base: Path, *args: str) -> Iterator[Path]:
+    """Mount vcfs on `host_dir` under `base`; yield the mount point; always unmount."""
+    mnt, log = base / "mnt", base / "vcfs.log"
+    mnt.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "vcfs", "mount", "-f", "--state-dir", str(base / "state"),
+           "--runtime-dir", str(base / "run"), *args, str(host_dir), str(mnt)]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        deadline = time.monotonic() + MOUNT_TIMEOUT
+        while not is_mounted(mnt):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"vcfs did not mount:\n{log.read_text()}")
+            time.sleep(0.02)
+        yield mnt
+    finally:
+        if is_mounted(mnt):
+            if subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True).returncode:
+                subprocess.run(["fusermount3", "-uz", str(mnt)], capture_output=True)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def drop_caches() -> None:
+    """Empty the page cache so that no run reads what the previous one left in memory."""
+    os.sync()
+    with contextlib.suppress(OSError), open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
+def median(values: list[float]) -> float:
+    """The median (values need not be sorted)."""
+    s = sorted(values)
+    mid = len(s) // 2
+    return s[mid] if len(s) % 2 else (s[mid - 1] + s[mid]) / 2
