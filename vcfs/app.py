@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,25 +57,40 @@ async def serve(config: Config, ready: Callable[[], None] = lambda: None) -> Non
         Tree(host, codec), config.mountpoint, config.fuse_options, config.cache_images
     )
     try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(host.run)
-            mount.open()
-            log.info("mounted %s on %s", config.host_dir, config.mountpoint)
-            nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
-            ready()
-            await mount.run()
-            nursery.cancel_scope.cancel()
+        # The signal receiver exists before the mount does: a SIGTERM right after the mount
+        # appears must unmount cleanly, not kill the process and leave a dead mount.
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_stop_on_signal, signals, nursery.cancel_scope)
+                await nursery.start(host.run)
+                mount.open()
+                log.info("mounted %s on %s", config.host_dir, config.mountpoint)
+                ready()
+                await mount.run()
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        raise single_exception(group) from None
     finally:
+        was_mounted = mount.is_open
         mount.close()
         with trio.CancelScope(shield=True):
             await host.close()
         bridge.close()
-        log.info("unmounted %s", config.mountpoint)
+        if was_mounted:
+            log.info("unmounted %s", config.mountpoint)
 
 
-async def _stop_on_signal(scope: trio.CancelScope) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-        async for signum in signals:
-            log.info("got %s: unmounting", signal.Signals(signum).name)
-            scope.cancel()
-            return
+def single_exception(group: BaseExceptionGroup) -> BaseException:
+    """The one exception inside nested groups (trio wraps what a nursery raises), else the
+    group itself: callers then see libfuse's RuntimeError, not a group around it."""
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+async def _stop_on_signal(signals: AsyncIterator[int], scope: trio.CancelScope) -> None:
+    async for signum in signals:
+        log.info("got %s: unmounting", signal.Signals(signum).name)
+        scope.cancel()
+        return

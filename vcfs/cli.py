@@ -124,6 +124,7 @@ def run_mount(args: argparse.Namespace) -> int:
         raise StartError(report or "mount failed (see the log)")
     os.close(read_fd)
     os.setsid()
+    os.chdir("/")  # do not keep the caller's directory busy
     null = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(null, fd)

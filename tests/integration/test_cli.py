@@ -147,13 +147,6 @@ def test_umount_of_something_not_mounted_is_one_line(tmp_path):
     assert_one_line_error(r, str(tmp_path))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cli.py main() catches RuntimeError/KeyboardInterrupt, but trio's strict exception "
-    "groups wrap what serve() raises inside its nursery (app.py mount.open()), so a libfuse "
-    "mount failure escapes as an ExceptionGroup traceback in the foreground and is reported as "
-    "'mount failed: Exceptions from Trio nursery (1 sub-exception)' in the background",
-)
 @pytest.mark.parametrize("mode", MODES)
 def test_libfuse_mount_failure_is_one_line(tmp_path, mode):
     (tmp_path / "host").mkdir()
@@ -248,13 +241,6 @@ def test_foreground_mount_ends_cleanly_on_signal(vm, vcfs_mount, sig):
     assert "c1" in os.listdir(m.path / "vm1/checkpoints")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="app.py serve(): the SIGTERM/SIGINT receiver is installed only when the "
-    "_stop_on_signal task first runs, after mount.open() and ready(); a SIGTERM in that window "
-    "kills vcfs by default action and leaves a dead mount (ENOTCONN), a SIGINT ends in a "
-    "KeyboardInterrupt traceback inside an exception group and exit status 1",
-)
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
 def test_signal_as_soon_as_the_mount_appears_still_ends_cleanly(tmp_path, sig):
     # What a service manager or a script's trap does: stop vcfs the moment the mount exists.

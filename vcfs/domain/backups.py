@@ -256,7 +256,7 @@ class BackupService:
         if backup.checkpoint is not None:
             name = backup.checkpoint.name or str(int(time.time()))
             check_checkpoint_name(name)
-            prepared = await cps.prepare(backup.checkpoint.with_(name=name))
+            prepared = await cps.prepare(backup.checkpoint.with_(name=name), info)
         suffix = prepared.definition.name if prepared else str(int(time.time()))
         assert suffix
         aligned = align_backup(backup, [d.ref() for d in info.disks], suffix)

@@ -209,10 +209,10 @@ class CheckpointService:
             if info.disks and not any(d.checkpoint == BITMAP for d in disks):
                 reasons = "; ".join(str(d.bitmap_problem()) for d in info.disks)
                 raise NotSupported(f"no disk of domain '{info.name}' can hold a bitmap: {reasons}")
-            await self._create(CheckpointDef(name=name, disks=disks))
+            await self._create(CheckpointDef(name=name, disks=disks), info)
 
-    async def _create(self, cp: CheckpointDef) -> None:
-        prepared = await self.prepare(cp)
+    async def _create(self, cp: CheckpointDef, info: DomainInfo | None = None) -> None:
+        prepared = await self.prepare(cp, info)
         try:
             await self._domain.qemu.transaction(prepared.actions)
         except QmpCommandError as e:
@@ -221,17 +221,21 @@ class CheckpointService:
             self._domain.invalidate()
         await self.commit(prepared)
 
-    async def prepare(self, cp: CheckpointDef) -> PreparedCheckpoint:
+    async def prepare(
+        self, cp: CheckpointDef, info: DomainInfo | None = None
+    ) -> PreparedCheckpoint:
         """Validate and align a new checkpoint; return it with the bitmap adds it needs.
 
         Nothing changes until the caller runs the actions (alone, or inside a backup's
-        transaction) and then calls `commit`. The caller holds the domain lock throughout.
+        transaction) and then calls `commit`. The caller holds the domain lock throughout;
+        `info`, when given, must have been fetched under it.
         """
         name = cp.name
         assert name
         if name in self._checkpoints:
             raise AlreadyExists(f"checkpoint '{name}' already exists")
-        info = await self._domain.info(max_age=0)
+        if info is None:
+            info = await self._domain.info(max_age=0)
         cp = align_checkpoint(cp, [d.ref() for d in info.disks])
         actions = []
         for entry in cp.bitmap_disks():

@@ -72,6 +72,11 @@ class FuseMount:
         await trio.sleep(0.01)
         set_read_ahead(self.mountpoint, READ_AHEAD_KB)
 
+    @property
+    def is_open(self) -> bool:
+        """Whether the filesystem is mounted by this object."""
+        return self._open
+
     def close(self) -> None:
         """Unmount (if still mounted) and release the session."""
         if self._open:
