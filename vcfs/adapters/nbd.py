@@ -17,6 +17,7 @@ from vcfs.domain.extents import Extent, merge_adjacent
 from vcfs.domain.ports import NbdAddress
 from vcfs.errors import BackendError
 
+STATE_HOLE = 1  # NBD_STATE_HOLE in base:allocation
 STATE_ZERO = 2  # NBD_STATE_ZERO in base:allocation
 STATE_DIRTY = 1  # set bits of a qemu:dirty-bitmap context
 MAX_STATUS = 1 << 30
@@ -38,15 +39,16 @@ def merge_contexts(offset: int, alloc: list[int], dirty: list[int] | None) -> li
     d_end = offset + (d[0][0] if d else 0) if d is not None else None
     while ia < len(a) and (d is None or id_ < len(d)):
         zero = bool(a[ia][1] & STATE_ZERO)
+        hole = bool(a[ia][1] & STATE_HOLE)
         if d is None:
-            out.append(Extent(pos, a_end - pos, zero, not zero))
+            out.append(Extent(pos, a_end - pos, zero, not zero, hole))
             pos = a_end
             ia += 1
             a_end = pos + (a[ia][0] if ia < len(a) else 0)
             continue
         assert d_end is not None
         end = min(a_end, d_end)
-        out.append(Extent(pos, end - pos, zero, bool(d[id_][1] & STATE_DIRTY)))
+        out.append(Extent(pos, end - pos, zero, bool(d[id_][1] & STATE_DIRTY), hole))
         pos = end
         if pos == a_end:
             ia += 1

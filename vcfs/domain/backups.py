@@ -49,7 +49,8 @@ from vcfs.domain.ports import (
     NbdAddress,
     RemoveBitmap,
 )
-from vcfs.domain.reader import ImageReader
+from vcfs.domain.reader import ExportSource
+from vcfs.domain.views import DiskViews
 from vcfs.errors import (
     AlreadyExists,
     BackendError,
@@ -104,7 +105,7 @@ class DiskJob:
     done: int = 0
     total: int = 0
     error: str | None = None
-    reader: ImageReader | None = None
+    views: DiskViews | None = None
 
 
 @dataclass
@@ -209,7 +210,7 @@ class BackupService:
         lines = [f"state: {job.state}", f"mode: {job.mode}"]
         for d in job.disks:
             if job.mode == PULL:
-                done = d.reader.bytes_served if d.reader else 0
+                done = d.views.bytes_served if d.views else 0
                 lines.append(f"disk {d.target}: {min(done, d.disk.size)}/{d.disk.size}")
             else:
                 lines.append(f"disk {d.target}: {d.done}/{d.total or d.disk.size}")
@@ -217,13 +218,13 @@ class BackupService:
             lines.append(f"error: {job.error}")
         return ("\n".join(lines) + "\n").encode()
 
-    def reader(self, job_id: str, target: str) -> ImageReader:
-        """The data path of one disk of a running pull backup."""
+    def views(self, job_id: str, target: str) -> DiskViews:
+        """The files of one disk of a running pull backup."""
         job = self.require(job_id)
         d = job.disk(target)
-        if d is None or d.reader is None:
+        if d is None or d.views is None:
             raise NotFound(f"backup '{job_id}' exports no disk '{target}'")
-        return d.reader
+        return d.views
 
     # ---- beginning --------------------------------------------------------------------------
 
@@ -411,8 +412,11 @@ class BackupService:
             self._domain.invalidate()
             raise
         for d in job.disks:
-            d.reader = ImageReader(d.disk.size, _opener(self._open_export, job.address, d),
-                                   self._domain.spawn)
+            source = ExportSource(d.disk.size, _opener(self._open_export, job.address, d))
+            # Naming convention of incremental images: the base's image is saved next to it
+            # as <disk>-<checkpoint>.qcow2 (README, scripts/vcfs-backup).
+            backing = f"{d.target}-{d.incremental}.qcow2" if d.incremental else None
+            d.views = DiskViews(d.disk, source, self._domain.spawn, bool(d.incremental), backing)
 
     async def _begin_push(self, job: BackupJob, prepared: PreparedCheckpoint | None) -> None:
         qemu = self._domain.qemu
@@ -583,8 +587,8 @@ class BackupService:
         if job.state == RUNNING:
             job.state, job.error = FAILED, reason
             for d in job.disks:
-                if d.reader:
-                    d.reader.close()
+                if d.views:
+                    d.views.close()
             job.finished.set()
 
     # ---- ending -----------------------------------------------------------------------------
@@ -595,7 +599,7 @@ class BackupService:
         if job.mode == PUSH:
             if job.state == RUNNING:
                 await self._cancel_push(job)
-        elif job.state == RUNNING or job.disks[0].reader is not None:
+        elif job.state == RUNNING or job.disks[0].views is not None:
             await self._end_pull(job)
         del self._jobs[job_id]
         if self.latest == job_id:
@@ -620,8 +624,8 @@ class BackupService:
     async def _end_pull(self, job: BackupJob) -> None:
         """Stop readers, exports, jobs and the NBD server; delete scratch nodes and files."""
         for d in job.disks:
-            if d.reader:
-                d.reader.close()
+            if d.views:
+                d.views.close()
         qemu = self._domain.qemu
         undo = Undo(f"domain {self._domain.name}: end of backup {job.id}")
         for d in reversed(job.disks):
@@ -643,7 +647,7 @@ class BackupService:
             job.state = COMPLETED  # libvirt: an aborted pull backup counts as completed
             job.finished.set()
         for d in job.disks:
-            d.reader = None
+            d.views = None
 
     async def _unlink_scratch(self, job: BackupJob) -> None:
         for d in job.disks:
@@ -657,8 +661,8 @@ class BackupService:
             except VcfsError as e:
                 log.warning("domain %s: ending backup %s: %s", self._domain.name, job_id, e)
                 for d in self._jobs[job_id].disks:
-                    if d.reader:
-                        d.reader.close()
+                    if d.views:
+                        d.views.close()
                 if self._jobs[job_id].mode == PULL:
                     await self._unlink_scratch(self._jobs[job_id])
                 del self._jobs[job_id]

@@ -25,6 +25,8 @@ class Extent:
     length: int
     zero: bool
     dirty: bool
+    hole: bool = False
+    """Unallocated in the image (reads as zero); a zero extent may also be allocated zeros."""
 
     @property
     def end(self) -> int:
@@ -37,8 +39,11 @@ def merge_adjacent(extents: Iterable[Extent]) -> list[Extent]:
     for e in extents:
         if e.length <= 0:
             continue
-        if out and out[-1].end == e.start and (out[-1].zero, out[-1].dirty) == (e.zero, e.dirty):
-            out[-1] = Extent(out[-1].start, out[-1].length + e.length, e.zero, e.dirty)
+        last = out[-1] if out else None
+        if last and last.end == e.start and (last.zero, last.dirty, last.hole) == (
+            e.zero, e.dirty, e.hole
+        ):
+            out[-1] = Extent(last.start, last.length + e.length, e.zero, e.dirty, e.hole)
         else:
             out.append(e)
     return out
@@ -50,7 +55,7 @@ def clip(extents: Iterable[Extent], start: int, end: int) -> list[Extent]:
     for e in extents:
         s, t = max(e.start, start), min(e.end, end)
         if s < t:
-            out.append(Extent(s, t - s, e.zero, e.dirty))
+            out.append(Extent(s, t - s, e.zero, e.dirty, e.hole))
     return out
 
 
@@ -103,7 +108,7 @@ class ExtentMap:
             while i < len(extents) and pos < end:
                 e = extents[i]
                 take_end = min(e.end, end)
-                out.append(Extent(pos, take_end - pos, e.zero, e.dirty))
+                out.append(Extent(pos, take_end - pos, e.zero, e.dirty, e.hole))
                 pos = take_end
                 i += 1
         return merge_adjacent(out)

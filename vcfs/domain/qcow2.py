@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import bisect
 import struct
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+
+from vcfs.domain.extents import Extent
 
 MAGIC = b"QFI\xfb"
 VERSION = 3
@@ -166,17 +168,19 @@ def _metadata_cluster(lay: Layout, n: int) -> bytes:
     return struct.pack(f">{per_l2}Q", *entries)
 
 
-ReadGuest = Callable[[int, int], Awaitable[bytes]]
+ReadGuest = Callable[[Sequence[tuple[int, int]]], Awaitable[Sequence[bytes]]]
 
 
 async def read(lay: Layout, offset: int, length: int, read_guest: ReadGuest) -> bytes:
-    """Bytes [offset, offset+length) of the image file; data comes from `read_guest`.
+    """Bytes [offset, offset+length) of the image file.
 
-    Consecutive data clusters that are consecutive on the guest too are read in one call.
+    Data comes from `read_guest`, called once with every guest range needed: consecutive data
+    clusters that are consecutive on the guest too make one range.
     """
     cs = lay.cluster_size
     end = min(offset + length, lay.file_size)
-    parts = []
+    parts: list[bytes | int] = []  # bytes, or the index of a guest range
+    ranges: list[tuple[int, int]] = []
     pos = offset
     while pos < end:
         n = pos // cs
@@ -186,20 +190,47 @@ async def read(lay: Layout, offset: int, length: int, read_guest: ReadGuest) -> 
             pos = chunk_end
             continue
         k = (pos - lay.data_offset) // cs
-        # extend over data clusters that follow each other on the guest
         k_end = k + 1
         while (lay.data_offset + k_end * cs < end and k_end < len(lay.data)
                and lay.data[k_end] == lay.data[k_end - 1] + 1):
             k_end += 1
         run_end = min(end, lay.data_offset + k_end * cs)
         guest = lay.data[k] * cs + (pos - lay.data_offset - k * cs)
-        want = run_end - pos
-        got = await read_guest(guest, want)
-        if len(got) < want:  # the last cluster may pass the end of the disk
-            got = bytes(got) + b"\0" * (want - len(got))
-        parts.append(got)
+        # The last cluster may pass the end of the disk: read what exists, pad with zeros.
+        parts.append(len(ranges))
+        ranges.append((guest, min(run_end - pos, max(0, lay.size - guest))))
+        parts.append(b"\0" * (run_end - pos - ranges[-1][1]))
         pos = run_end
-    return parts[0] if len(parts) == 1 else b"".join(parts)
+    pieces = await read_guest(ranges) if ranges else []
+    return b"".join(bytes(pieces[p]) if isinstance(p, int) else p for p in parts)
+
+
+def classify(
+    extents: Iterable[Extent], size: int, cluster_size: int, incremental: bool
+) -> tuple[list[int], list[int]]:
+    """Which guest clusters an image carries as data, and which as explicit zeros.
+
+    Full image: a cluster with any non-zero byte is data; an all-zero cluster with allocated
+    zeros is a zero cluster; the rest stays unallocated. Incremental image: a cluster with any
+    changed byte is data (or a zero cluster when it is all zeros now, hiding the backing file's
+    old data); unchanged clusters stay unallocated and read through to the base.
+    """
+    cs = cluster_size
+    count = _ceil(size, cs)
+    nonzero, wanted = bytearray(count), bytearray(count)
+    for e in extents:
+        first, last = e.start // cs, _ceil(e.end, cs)
+        if not e.zero:
+            nonzero[first:last] = b"\1" * (last - first)
+        if e.dirty if incremental else not e.hole:
+            wanted[first:last] = b"\1" * (last - first)
+    data, zero = [], []
+    for c in range(count):
+        if nonzero[c] and (wanted[c] or not incremental):
+            data.append(c)
+        elif wanted[c]:
+            zero.append(c)
+    return data, zero
 
 
 def empty_image(

@@ -1,10 +1,11 @@
 """The data path of a backup disk: kernel reads served from large, prefetched NBD reads.
 
-The kernel asks for 128 KiB–1 MiB at a time and Python's cost is per request, so reads are
-served from blocks of BLOCK bytes fetched in worker threads, several in flight ahead of a
-sequential reader. Zero extents never touch NBD: they are answered from the extent map. Within
-a block only the data extents are read (small gaps are read through to save round trips).
-The images are immutable, so blocks never go stale.
+`ExportSource` owns the NBD connection pool of one export, its extent map, and counts what it
+reads. `BlockReader` serves the kernel's requests (128 KiB–1 MiB) from blocks of BLOCK bytes
+loaded in worker threads, several in flight ahead of a sequential reader; it is shared by the
+raw view (blocks read from the export, zero extents answered from the extent map without NBD)
+and the synthesized qcow2 view (blocks computed by `qcow2.read`, reading exactly the data
+clusters). Images are immutable, so blocks never go stale.
 Thread rule: trio tasks; NBD calls run in worker threads bounded by a CapacityLimiter.
 """
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 
@@ -42,44 +43,93 @@ def zeros(n: int) -> bytes:
     return z
 
 
-class ImageReader:
-    """Reads of one point-in-time image, shared by every open file of it."""
+class ExportSource:
+    """One NBD export: connections opened on first use, extents, exact range reads."""
 
-    def __init__(
-        self, size: int, open_export: Callable[[], Export], spawn: Callable[..., None]
-    ) -> None:
+    def __init__(self, size: int, open_export: Callable[[], Export]) -> None:
         self.size = size
         self.extents = ExtentMap(size, self._block_status)
         self._open_export = open_export
-        self._spawn = spawn
         self._export: Export | None = None
         self._limiter = trio.CapacityLimiter(THREADS)
-        self._blocks: OrderedDict[int, bytes | None] = OrderedDict()
-        self._pending: dict[int, trio.Event] = {}
-        self._failures: dict[int, VcfsError] = {}
-        self._closed = False
-        self.bytes_served = 0
+        self.closed = False
         self.nbd_bytes = 0
+        """Bytes read from NBD (the incremental benchmark checks this against dirty bytes)."""
 
-    async def _export_handle(self) -> Export:
-        if self._closed:
+    async def _handle(self) -> Export:
+        if self.closed:
             raise BackendError("the backup has ended")
         if self._export is None:
-            self._export = await trio.to_thread.run_sync(self._open_export, limiter=self._limiter)
-            if self._closed:  # ended while connecting
-                self._export.close()
+            export = await trio.to_thread.run_sync(self._open_export, limiter=self._limiter)
+            if self.closed:  # ended while connecting
+                export.close()
                 raise BackendError("the backup has ended")
+            self._export = export
         return self._export
 
     async def _block_status(self, offset: int, length: int) -> list[Extent]:
-        export = await self._export_handle()
+        export = await self._handle()
         return await trio.to_thread.run_sync(
             export.block_status, offset, length, limiter=self._limiter
         )
 
+    async def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+        """Exactly these (offset, length) ranges of the export, in one worker-thread call."""
+        export = await self._handle()
+        pieces = await trio.to_thread.run_sync(export.read_ranges, ranges, limiter=self._limiter)
+        self.nbd_bytes += sum(n for _, n in ranges)
+        return pieces
+
+    async def load_raw(self, start: int, end: int) -> bytes | None:
+        """Bytes [start, end) of the raw image; None when they are all zero (no NBD read)."""
+        ranges: list[list[int]] = []
+        for e in await self.extents.range(start, end):
+            if e.zero:
+                continue
+            if ranges and e.start - ranges[-1][1] < GAP:
+                ranges[-1][1] = e.end
+            else:
+                ranges.append([e.start, e.end])
+        if not ranges:
+            return None
+        wanted = [(s, t - s) for s, t in ranges]
+        pieces = await self.read_ranges(wanted)
+        if len(wanted) == 1 and wanted[0] == (start, end - start):
+            return bytes(pieces[0])
+        block = bytearray(end - start)
+        for (s, n), piece in zip(wanted, pieces, strict=True):
+            block[s - start : s - start + n] = piece
+        return bytes(block)
+
+    def close(self) -> None:
+        """End all reading: calls in flight or later fail with BackendError (EIO)."""
+        self.closed = True
+        if self._export is not None:
+            self._export.close()
+            self._export = None
+
+
+Loader = Callable[[int, int], Awaitable[bytes | None]]
+
+
+class BlockReader:
+    """Kernel reads of one image of `size` bytes, served from prefetched blocks of `load`."""
+
+    def __init__(
+        self, size: int, load: Loader, spawn: Callable[..., None], is_closed: Callable[[], bool]
+    ) -> None:
+        self.size = size
+        self._load = load
+        self._spawn = spawn
+        self._is_closed = is_closed
+        self._blocks: OrderedDict[int, bytes | None] = OrderedDict()
+        self._pending: dict[int, trio.Event] = {}
+        self._failures: dict[int, VcfsError] = {}
+        self.bytes_served = 0
+
     async def read(self, offset: int, length: int) -> bytes:
         """Up to `length` bytes at `offset` (short only at the end of the image)."""
-        if self._closed:
+        if self._is_closed():
             raise BackendError("the backup has ended")
         end = min(offset + length, self.size)
         if offset >= end:
@@ -110,7 +160,7 @@ class ImageReader:
             if b in self._blocks:
                 self._blocks.move_to_end(b)
                 return self._blocks[b]
-            if self._closed:
+            if self._is_closed():
                 break
             event = self._pending.get(b)
             if event is None:
@@ -122,8 +172,8 @@ class ImageReader:
 
     async def _fetch(self, b: int) -> None:
         try:
-            data = await self._load(b)
-            if not self._closed:
+            data = await self._load(b * BLOCK, min((b + 1) * BLOCK, self.size))
+            if not self._is_closed():
                 self._blocks[b] = data
                 while len(self._blocks) > CACHE_BLOCKS:
                     self._blocks.popitem(last=False)
@@ -135,35 +185,8 @@ class ImageReader:
         finally:
             self._pending.pop(b).set()
 
-    async def _load(self, b: int) -> bytes | None:
-        start, end = b * BLOCK, min((b + 1) * BLOCK, self.size)
-        ranges: list[list[int]] = []
-        for e in await self.extents.range(start, end):
-            if e.zero:
-                continue
-            if ranges and e.start - ranges[-1][1] < GAP:
-                ranges[-1][1] = e.end
-            else:
-                ranges.append([e.start, e.end])
-        if not ranges:
-            return None
-        export = await self._export_handle()
-        wanted = [(s, t - s) for s, t in ranges]
-        pieces = await trio.to_thread.run_sync(export.read_ranges, wanted, limiter=self._limiter)
-        self.nbd_bytes += sum(n for _, n in wanted)
-        if len(wanted) == 1 and wanted[0] == (start, end - start):
-            return pieces[0]
-        block = bytearray(end - start)
-        for (s, n), piece in zip(wanted, pieces, strict=True):
-            block[s - start : s - start + n] = piece
-        return bytes(block)
-
     def close(self) -> None:
-        """End all reading: later and waiting reads fail with BackendError (EIO)."""
-        self._closed = True
+        """Drop cached blocks and wake every waiting read (it then fails with EIO)."""
         self._blocks.clear()
         for event in self._pending.values():
             event.set()
-        if self._export is not None:
-            self._export.close()
-            self._export = None

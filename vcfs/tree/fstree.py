@@ -203,29 +203,36 @@ class BackupDir(Dir):
 
 
 class DisksDir(Dir):
-    """`<dom>/backups/<id>/disks/`: the point-in-time images of a pull backup."""
+    """`<dom>/backups/<id>/disks/`: per disk of a pull backup, `<disk>` (the raw
+    point-in-time image), `<disk>.qcow2` (synthesized) and `<disk>.map` (extents, JSON)."""
 
     def __init__(self, job: BackupJob, mtime: float) -> None:
         super().__init__(mtime)
         self.job = job
 
     async def names(self) -> list[str]:
-        return [d.target for d in self.job.disks if d.reader is not None]
+        return [
+            f"{d.target}{suffix}"
+            for d in self.job.disks
+            if d.views is not None
+            for suffix in ("", ".qcow2", ".map")
+        ]
 
     async def child(self, name: str) -> Node | None:
-        d = self.job.disk(name)
-        if d is None or d.reader is None:
+        kind = next((k for k in ("qcow2", "map") if name.endswith(f".{k}")), "")
+        target = name[: -len(kind) - 1] if kind else name
+        d = self.job.disk(target)
+        if d is None or d.views is None:
             return None
-        reader = d.reader
-        disk = d.disk
-
-        def allocated() -> int:
-            known = reader.extents.known()
-            if known is None:
-                return min(disk.allocated, disk.size)  # an estimate until the map is complete
-            return sum(e.length for e in known if not e.zero)
-
-        return ImageFile(disk.size, reader.read, allocated, self.mtime)
+        views = d.views
+        if kind == "":
+            return ImageFile(d.disk.size, views.raw.read, views.allocated, self.mtime)
+        if kind == "qcow2":
+            layout, reader = await views.qcow2()
+            return ImageFile(layout.file_size, reader.read, lambda: layout.file_size, self.mtime)
+        if kind == "map":
+            return ReadFile(views.map_json, self.mtime)
+        return None
 
 
 async def _value(data: bytes) -> bytes:
