@@ -214,6 +214,9 @@ class BackupService:
                 lines.append(f"disk {d.target}: {min(done, d.disk.size)}/{d.disk.size}")
             else:
                 lines.append(f"disk {d.target}: {d.done}/{d.total or d.disk.size}")
+        if job.mode == PULL:
+            nbd = sum(d.views.source.nbd_bytes for d in job.disks if d.views)
+            lines.append(f"nbd-read: {nbd}")
         if job.error:
             lines.append(f"error: {job.error}")
         return ("\n".join(lines) + "\n").encode()
