@@ -168,7 +168,8 @@ def _metadata_cluster(lay: Layout, n: int) -> bytes:
     return struct.pack(f">{per_l2}Q", *entries)
 
 
-ReadGuest = Callable[[Sequence[tuple[int, int]]], Awaitable[Sequence[bytes]]]
+Buffer = bytes | bytearray | memoryview
+ReadGuest = Callable[[Sequence[tuple[int, int]]], Awaitable[Sequence[Buffer]]]
 
 
 async def read(lay: Layout, offset: int, length: int, read_guest: ReadGuest) -> bytes:
@@ -202,7 +203,7 @@ async def read(lay: Layout, offset: int, length: int, read_guest: ReadGuest) -> 
         parts.append(b"\0" * (run_end - pos - ranges[-1][1]))
         pos = run_end
     pieces = await read_guest(ranges) if ranges else []
-    return b"".join(bytes(pieces[p]) if isinstance(p, int) else p for p in parts)
+    return b"".join(pieces[p] if isinstance(p, int) else p for p in parts)
 
 
 def classify(

@@ -30,6 +30,9 @@ THREADS = 4
 GAP = 64 << 10
 """Zero gaps shorter than this inside a block are read rather than split around."""
 
+Buffer = bytes | bytearray | memoryview
+"""What reads return: anything exposing the buffer protocol (pyfuse3 accepts it)."""
+
 _zeros: dict[int, bytes] = {}
 
 
@@ -73,14 +76,14 @@ class ExportSource:
             export.block_status, offset, length, limiter=self._limiter
         )
 
-    async def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+    async def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[Buffer]:
         """Exactly these (offset, length) ranges of the export, in one worker-thread call."""
         export = await self._handle()
         pieces = await trio.to_thread.run_sync(export.read_ranges, ranges, limiter=self._limiter)
         self.nbd_bytes += sum(n for _, n in ranges)
         return pieces
 
-    async def load_raw(self, start: int, end: int) -> bytes | None:
+    async def load_raw(self, start: int, end: int) -> Buffer | None:
         """Bytes [start, end) of the raw image; None when they are all zero (no NBD read)."""
         ranges: list[list[int]] = []
         for e in await self.extents.range(start, end):
@@ -95,11 +98,11 @@ class ExportSource:
         wanted = [(s, t - s) for s, t in ranges]
         pieces = await self.read_ranges(wanted)
         if len(wanted) == 1 and wanted[0] == (start, end - start):
-            return bytes(pieces[0])
+            return pieces[0]  # libnbd's buffer as it is: never written after this
         block = bytearray(end - start)
         for (s, n), piece in zip(wanted, pieces, strict=True):
             block[s - start : s - start + n] = piece
-        return bytes(block)
+        return block
 
     def close(self) -> None:
         """End all reading: calls in flight or later fail with BackendError (EIO)."""
@@ -109,7 +112,7 @@ class ExportSource:
             self._export = None
 
 
-Loader = Callable[[int, int], Awaitable[bytes | None]]
+Loader = Callable[[int, int], Awaitable[Buffer | None]]
 
 
 class BlockReader:
@@ -122,12 +125,12 @@ class BlockReader:
         self._load = load
         self._spawn = spawn
         self._is_closed = is_closed
-        self._blocks: OrderedDict[int, bytes | None] = OrderedDict()
+        self._blocks: OrderedDict[int, Buffer | None] = OrderedDict()
         self._pending: dict[int, trio.Event] = {}
         self._failures: dict[int, VcfsError] = {}
         self.bytes_served = 0
 
-    async def read(self, offset: int, length: int) -> bytes:
+    async def read(self, offset: int, length: int) -> Buffer:
         """Up to `length` bytes at `offset` (short only at the end of the image)."""
         if self._is_closed():
             raise BackendError("the backup has ended")
@@ -143,7 +146,8 @@ class BlockReader:
             block = await self._block(b)
             lo = max(offset, b * BLOCK) - b * BLOCK
             hi = min(end, (b + 1) * BLOCK) - b * BLOCK
-            parts.append(zeros(hi - lo) if block is None else block[lo:hi])
+            # A view, not a copy: pyfuse3 takes any buffer, and blocks are never modified.
+            parts.append(zeros(hi - lo) if block is None else memoryview(block)[lo:hi])
         self.bytes_served += end - offset
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
@@ -153,7 +157,7 @@ class BlockReader:
         self._spawn(self._fetch, b)
         return event
 
-    async def _block(self, b: int) -> bytes | None:
+    async def _block(self, b: int) -> Buffer | None:
         # A block can be evicted between its arrival and this task waking up (many readers):
         # then it is simply fetched again.
         for _ in range(4):

@@ -105,7 +105,7 @@ class ImageFile(Node):
     def __init__(
         self,
         size: int,
-        read: Callable[[int, int], Awaitable[bytes]],
+        read: Callable[[int, int], Awaitable[bytes | bytearray | memoryview]],
         allocated: Callable[[], int],
         mtime: float,
     ) -> None:
