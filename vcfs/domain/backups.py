@@ -389,6 +389,9 @@ class BackupService:
             fault_point("backup.nbd-server-start")
             await self._call(qemu.nbd_server_start(job.address))
             undo.push("nbd-server-stop", lambda: self._stop_server(job))
+            if job.address.transport == "unix" and job.address.path:
+                # QEMU creates the socket with its own umask: only the owner may read backups.
+                os.chmod(job.address.path, 0o600)
             actions: list[Action] = list(prepared.actions) if prepared else []
             for d in job.disks:
                 if d.incremental:

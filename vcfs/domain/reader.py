@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
 
 import trio
 
@@ -23,12 +24,16 @@ from vcfs.errors import BackendError, VcfsError
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 BLOCK = 4 << 20
 PREFETCH = 4
 CACHE_BLOCKS = 16
 THREADS = 4
 GAP = 64 << 10
 """Zero gaps shorter than this inside a block are read rather than split around."""
+NBD_TIMEOUT = 30.0
+"""The kernel cannot interrupt a FUSE read: a stalled export must end in EIO, not a hang."""
 
 Buffer = bytes | bytearray | memoryview
 """What reads return: anything exposing the buffer protocol (pyfuse3 accepts it)."""
@@ -59,11 +64,21 @@ class ExportSource:
         self.nbd_bytes = 0
         """Bytes read from NBD (the incremental benchmark checks this against dirty bytes)."""
 
+    async def _in_thread(self, fn: Callable[..., T], *args: object) -> T:
+        """Run a blocking NBD call in a worker thread, giving up on it after NBD_TIMEOUT."""
+        try:
+            with trio.fail_after(NBD_TIMEOUT):
+                return await trio.to_thread.run_sync(
+                    fn, *args, limiter=self._limiter, abandon_on_cancel=True
+                )
+        except trio.TooSlowError:
+            raise BackendError(f"NBD export did not answer in {NBD_TIMEOUT:.0f} s") from None
+
     async def _handle(self) -> Export:
         if self.closed:
             raise BackendError("the backup has ended")
         if self._export is None:
-            export = await trio.to_thread.run_sync(self._open_export, limiter=self._limiter)
+            export = await self._in_thread(self._open_export)
             if self.closed:  # ended while connecting
                 export.close()
                 raise BackendError("the backup has ended")
@@ -72,14 +87,12 @@ class ExportSource:
 
     async def _block_status(self, offset: int, length: int) -> list[Extent]:
         export = await self._handle()
-        return await trio.to_thread.run_sync(
-            export.block_status, offset, length, limiter=self._limiter
-        )
+        return await self._in_thread(export.block_status, offset, length)
 
     async def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[Buffer]:
         """Exactly these (offset, length) ranges of the export, in one worker-thread call."""
         export = await self._handle()
-        pieces = await trio.to_thread.run_sync(export.read_ranges, ranges, limiter=self._limiter)
+        pieces = await self._in_thread(export.read_ranges, ranges)
         self.nbd_bytes += sum(n for _, n in ranges)
         return pieces
 
