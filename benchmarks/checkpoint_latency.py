@@ -20,9 +20,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -31,10 +29,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from benchmarks.harness import vcfs_mounted
 from vcfs.demo import VM, DiskSpec
 
 DISKS = ("vda", "vdb")
-MOUNT_TIMEOUT = 10.0
 WARMUP_ROUNDS = 2
 
 # libvirt's figures for the same operations (virsh against libvirtd on a running QEMU domain),
@@ -42,82 +40,6 @@ WARMUP_ROUNDS = 2
 LIBVIRT_CREATE_MS = 31.0
 LIBVIRT_DELETE_MS = 19.0
 LIBVIRT_VIRSH_START_MS = 16.0
-
-
-def is_mounted(path: Path) -> bool:
-    """Whether `path` is a mount point, per /proc/self/mountinfo.
-
-    Reading mountinfo instead of stat()ing the path cannot hang on a vcfs that is stuck or dead.
-    """
-    target = os.path.join(os.path.realpath(path.parent), path.name)
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            # mountinfo escapes space, tab, newline and backslash as octal.
-            mount_point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), line.split()[4])
-            if mount_point == target:
-                return True
-    return False
-
-
-class VcfsMount:
-    """`python -m vcfs mount -f` as a child process, with its own state and runtime dirs."""
-
-    def __init__(self, host_dir: Path, base: Path) -> None:
-        self.host_dir = host_dir
-        self.path = base / "mnt"
-        self.state_dir = base / "state"
-        self.runtime_dir = base / "run"
-        self.log_path = base / "vcfs.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-        for d in (self.path, self.state_dir, self.runtime_dir):
-            d.mkdir(mode=0o700, parents=True, exist_ok=True)
-
-    def start(self) -> None:
-        """Run vcfs and wait for the mount to appear; raise with vcfs's log if it does not."""
-        cmd = [
-            sys.executable, "-m", "vcfs", "mount", "-f",
-            "--state-dir", str(self.state_dir), "--runtime-dir", str(self.runtime_dir),
-            str(self.host_dir), str(self.path),
-        ]  # fmt: skip
-        with open(self.log_path, "wb") as log:
-            # A session of its own keeps the terminal's Ctrl-C away from vcfs: this script
-            # unmounts it in order, while the VM is still there.
-            self.proc = subprocess.Popen(
-                cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )  # fmt: skip
-        deadline = time.monotonic() + MOUNT_TIMEOUT
-        while not is_mounted(self.path):
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"vcfs exited with {self.proc.returncode}:\n{self.log()}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"vcfs did not mount within {MOUNT_TIMEOUT} s:\n{self.log()}")
-            time.sleep(0.02)
-
-    def close(self) -> None:
-        """Unmount and wait for vcfs to exit; lazy unmount and SIGKILL as a last resort."""
-        deadline = time.monotonic() + MOUNT_TIMEOUT
-        while is_mounted(self.path):
-            r = subprocess.run(["fusermount3", "-u", str(self.path)], capture_output=True)
-            if r.returncode == 0:
-                break
-            if time.monotonic() > deadline:
-                subprocess.run(["fusermount3", "-uz", str(self.path)], capture_output=True)
-                break
-            time.sleep(0.1)  # Busy: a just-finished subprocess may still hold it.
-        if self.proc is not None and self.proc.poll() is None:
-            try:
-                self.proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-
-    def log(self) -> str:
-        """vcfs's output so far."""
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
 
 
 def timed(fn: Callable[[], object]) -> float:
@@ -143,9 +65,9 @@ def p90(samples: list[float]) -> float:
 class Bench:
     """The measurements of one run, keyed by row label, in insertion (= display) order."""
 
-    def __init__(self, vm: VM, mount: VcfsMount, scratch: Path) -> None:
+    def __init__(self, vm: VM, mnt: Path, scratch: Path) -> None:
         self.vm = vm
-        self.cps = mount.path / vm.name / "checkpoints"
+        self.cps = mnt / vm.name / "checkpoints"
         self.scratch = scratch
         self.samples: dict[str, list[float]] = {}
 
@@ -262,37 +184,27 @@ def main(argv: list[str] | None = None) -> int:
     base = Path(tempfile.mkdtemp(prefix="vcfs-bench-"))
     vm = VM("bench", base / "qmp", base / "work",
             [DiskSpec(d, size=64 << 20) for d in DISKS])  # fmt: skip
-    mount = VcfsMount(vm.host_dir, base / "vcfs")
     scratch = base / "scratch"
     scratch.mkdir()
-    show_log = True  # vcfs's log explains a failure; after success or Ctrl-C it is noise.
     try:
         started = time.monotonic()
         vm.start()
-        mount.start()
-        bench = Bench(vm, mount, scratch)
-        bench.check_vcfs_really_creates_bitmaps()
-        for i in range(WARMUP_ROUNDS + args.rounds):
-            bench.round(i, keep=i >= WARMUP_ROUNDS)
-        bench.report(args.rounds)
+        with vcfs_mounted(vm.host_dir, base / "vcfs") as mnt:
+            bench = Bench(vm, mnt, scratch)
+            bench.check_vcfs_really_creates_bitmaps()
+            for i in range(WARMUP_ROUNDS + args.rounds):
+                bench.round(i, keep=i >= WARMUP_ROUNDS)
+            bench.report(args.rounds)
         print(f"\n(total run time {time.monotonic() - started:.1f} s)")
-        show_log = False
     except KeyboardInterrupt:
-        show_log = False
         print("interrupted", file=sys.stderr)
         return 130
     finally:
-        # vcfs first: it may still talk to the VM while it unmounts.
         try:
-            mount.close()
+            vm.stop()
         finally:
-            try:
-                vm.stop()
-            finally:
-                vm.kill()
-                if show_log and mount.log().strip():
-                    print(f"----- vcfs log -----\n{mount.log()}", file=sys.stderr)
-                shutil.rmtree(base, ignore_errors=True)
+            vm.kill()
+            shutil.rmtree(base, ignore_errors=True)
     return 0
 
 

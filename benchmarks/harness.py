@@ -43,6 +43,9 @@ def vcfs_mounted(host_dir: Path, base: Path, *args: str) -> Iterator[Path]:
                 raise RuntimeError(f"vcfs did not mount:\n{log.read_text()}")
             time.sleep(0.02)
         yield mnt
+    except Exception:
+        print(f"----- vcfs log -----\n{log.read_text(errors='replace')}", file=sys.stderr)
+        raise
     finally:
         if is_mounted(mnt):
             if subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True).returncode:
