@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import pytest
@@ -178,13 +178,21 @@ def is_mounted(path: str | os.PathLike[str]) -> bool:
 class Mount:
     """A `vcfs mount -f` child process and its mount point."""
 
-    def __init__(self, host_dir: Path, base: Path, extra_args: Sequence[str]) -> None:
+    def __init__(
+        self,
+        host_dir: Path,
+        base: Path,
+        extra_args: Sequence[str],
+        env: Mapping[str, str] | None = None,
+    ) -> None:
         self.host_dir = Path(host_dir)
         self.path = base / "mnt"
         self.state_dir = base / "state"
         self.runtime_dir = base / "run"
         self.log_path = base / "vcfs.log"
         self.extra_args = list(extra_args)
+        self.env = dict(env or {})
+        """Extra environment variables of the vcfs process (e.g. VCFS_FAULT), kept on restart."""
         self.proc: subprocess.Popen[bytes] | None = None
         for d in (self.path, self.state_dir, self.runtime_dir):
             d.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -222,7 +230,7 @@ class Mount:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONFAULTHANDLER": "1"},
+                env={**os.environ, "PYTHONFAULTHANDLER": "1", **self.env},
                 start_new_session=True,
             )
         deadline = time.monotonic() + timeout
@@ -299,15 +307,19 @@ class Mount:
 def vcfs_mount(
     tmp_path: Path, request: pytest.FixtureRequest, vm_factory: Callable[..., VM]
 ) -> Iterator[Callable[..., Mount]]:
-    """`vcfs_mount(host_dir, *extra_args) -> Mount`: vcfs mounted in the foreground.
+    """`vcfs_mount(host_dir, *extra_args, env={}) -> Mount`: vcfs mounted in the foreground.
+
+    `env` adds variables to vcfs's environment (e.g. `{"VCFS_FAULT": "backup.commit"}`).
 
     Depends on vm_factory only so that mounts are torn down before the VMs are killed. A test
     fails if the vcfs log has ERROR lines or tracebacks, unless marked `allow_errors`.
     """
     mounts: list[Mount] = []
 
-    def mount(host_dir: str | os.PathLike[str], *extra_args: str) -> Mount:
-        m = Mount(Path(host_dir), tmp_path / f"vcfs{len(mounts)}", extra_args)
+    def mount(
+        host_dir: str | os.PathLike[str], *extra_args: str, env: Mapping[str, str] | None = None
+    ) -> Mount:
+        m = Mount(Path(host_dir), tmp_path / f"vcfs{len(mounts)}", extra_args, env)
         mounts.append(m)
         m.start()
         return m

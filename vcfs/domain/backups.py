@@ -122,6 +122,7 @@ class BackupJob:
     error: str | None = None
     started: float = field(default_factory=time.time)
     finished: trio.Event = field(default_factory=trio.Event)
+    lock: trio.Lock = field(default_factory=trio.Lock)
 
     def disk(self, target: str) -> DiskJob | None:
         """The job's disk called `target`."""
@@ -443,10 +444,11 @@ class BackupService:
             self._domain.invalidate()
             if prepared:
                 undo.push("checkpoint bitmaps", lambda: self._remove_bitmaps(prepared))
-            undo.push("block jobs", lambda: self._cancel_jobs(job))
+            # Undone in reverse: the jobs are cancelled before the bitmaps they use go.
             for d in job.disks:
                 if d.temp_bitmap:
                     undo.push("temporary bitmap", _bind(self._remove_temp_bitmap, d))
+            undo.push("block jobs", lambda: self._cancel_jobs(job))
             fault_point("backup.commit")
             if prepared:
                 await self._domain.checkpoints.commit(prepared)
@@ -526,29 +528,37 @@ class BackupService:
     # ---- push jobs --------------------------------------------------------------------------
 
     async def _poll_push(self, job: BackupJob) -> None:
-        """Update progress from QEMU; release every disk whose job has ended."""
-        qemu = self._domain.qemu
-        jobs = {j.id: j for j in await qemu.jobs()}
-        for d in job.disks:
-            if d.state != RUNNING:
-                continue
-            j = jobs.get(d.job_id)
-            if j is None:
-                d.state, d.error = FAILED, "the block job vanished"
-            else:
-                d.done, d.total = j.current, j.total
-                if j.status != "concluded":
+        """Update progress from QEMU; release every disk whose job has ended.
+
+        Serialised per job: a disk's end state is published only after QEMU has let go of its
+        target, so nobody reads `completed` while the target is still locked.
+        """
+        async with job.lock:
+            if job.state != RUNNING:
+                return
+            qemu = self._domain.qemu
+            jobs = {j.id: j for j in await qemu.jobs()}
+            for d in job.disks:
+                if d.state != RUNNING:
                     continue
-                if j.error is None:
-                    d.state = COMPLETED
-                elif "cancel" in j.error.lower():
-                    d.state = CANCELLED
+                j = jobs.get(d.job_id)
+                if j is None:
+                    state, error = FAILED, "the block job vanished"
                 else:
-                    d.state, d.error = FAILED, j.error
-                await qemu.job_dismiss(d.job_id)
-            await self._release_push_disk(d)
-        if all(d.state != RUNNING for d in job.disks):
-            await self._finish_push(job)
+                    d.done, d.total = j.current, j.total
+                    if j.status != "concluded":
+                        continue
+                    if j.error is None:
+                        state, error = COMPLETED, None
+                    elif "cancel" in j.error.lower():
+                        state, error = CANCELLED, None
+                    else:
+                        state, error = FAILED, j.error
+                    await qemu.job_dismiss(d.job_id)
+                await self._release_push_disk(d)
+                d.state, d.error = state, error
+            if all(d.state != RUNNING for d in job.disks):
+                await self._finish_push(job)
 
     async def _release_push_disk(self, d: DiskJob) -> None:
         """QEMU lets go of the target (and of the temporary bitmap)."""
@@ -656,8 +666,11 @@ class BackupService:
             d.views = None
 
     async def _unlink_scratch(self, job: BackupJob) -> None:
+        """QEMU is gone: only our own files are left to remove (scratch, socket)."""
         for d in job.disks:
-            _unlink(d.store_path)
+            await _unlink(d.store_path)
+        if job.address and job.address.transport == "unix" and job.address.path:
+            await _unlink(job.address.path)
 
     async def abandon(self) -> None:
         """The mount ends or QEMU went away: end every job, releasing what can be released."""
