@@ -236,39 +236,36 @@ class Operations(pyfuse3.Operations):
     async def releasedir(self, fh: int) -> None:
         self._handles.pop(fh, None)
 
+    async def _parent_dir(self, parent_inode: int, name: bytes) -> tuple[Dir, tuple[str, ...]]:
+        parent_path = self._path(parent_inode)
+        parent = await self._node(parent_path)
+        if not isinstance(parent, Dir):
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return parent, (*parent_path, os.fsdecode(name))
+
+    async def _act(self, what: str, path: tuple[str, ...], action: Awaitable[object]) -> None:
+        """Run a mutation; log it with its duration, or report its failure."""
+        started = time.monotonic()
+        try:
+            await action
+        except VcfsError as e:
+            raise self._failure(path, e) from None
+        log.info("%s %s (%.1f ms)", what, "/".join(path), (time.monotonic() - started) * 1e3)
+
     @guarded
     async def mkdir(
         self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        parent_path = self._path(parent_inode)
-        path = (*parent_path, os.fsdecode(name))
-        parent = await self._node(parent_path)
-        if not isinstance(parent, Dir):
-            raise pyfuse3.FUSEError(errno.ENOTDIR)
-        started = time.monotonic()
-        try:
-            await parent.mkdir(path[-1])
-            node = await self._node(path)
-        except VcfsError as e:
-            raise self._failure(path, e) from None
-        log.info("mkdir %s (%.1f ms)", "/".join(path), (time.monotonic() - started) * 1e3)
-        attr = self._attr(path, node)
+        parent, path = await self._parent_dir(parent_inode, name)
+        await self._act("mkdir", path, parent.mkdir(path[-1]))
+        attr = self._attr(path, await self._node(path))
         self.inodes.remember(attr.st_ino)
         return attr
 
     @guarded
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        parent_path = self._path(parent_inode)
-        path = (*parent_path, os.fsdecode(name))
-        parent = await self._node(parent_path)
-        if not isinstance(parent, Dir):
-            raise pyfuse3.FUSEError(errno.ENOTDIR)
-        started = time.monotonic()
-        try:
-            await parent.rmdir(path[-1])
-        except VcfsError as e:
-            raise self._failure(path, e) from None
-        log.info("rmdir %s (%.1f ms)", "/".join(path), (time.monotonic() - started) * 1e3)
+        parent, path = await self._parent_dir(parent_inode, name)
+        await self._act("rmdir", path, parent.rmdir(path[-1]))
 
     # ---- files ------------------------------------------------------------------------------
 
@@ -325,14 +322,11 @@ class Operations(pyfuse3.Operations):
                 raise TooLarge(f"request larger than {MAX_REQUEST} bytes")
             requests, rest = node.split(bytes(handle.buffer))
             handle.buffer[:] = rest
-            for request in requests:
-                started = time.monotonic()
-                await node.submit(request)
-                log.info("write %s (%.1f ms)", "/".join(handle.path),
-                         (time.monotonic() - started) * 1e3)
         except VcfsError as e:
             handle.buffer.clear()
             raise self._failure(handle.path, e) from None
+        for request in requests:
+            await self._act("write", handle.path, node.submit(request))
         return len(buf)
 
     @guarded
