@@ -287,10 +287,7 @@ class BackupService:
         job = BackupJob(job_id, aligned.mode, definition, jobs, address,
                         prepared.definition.name if prepared else None)
         started = time.monotonic()
-        if job.mode == PULL:
-            await self._begin_pull(job, prepared)
-        else:
-            await self._begin_push(job, prepared)
+        await self._start(job, prepared)
         self._jobs[job_id] = job
         self.latest = job_id
         log.info("domain %s: began %s backup %s of %s in %.1f ms", self._domain.name, job.mode,
@@ -380,32 +377,29 @@ class BackupService:
         server = BackupServer("tcp", name=host, port=port, tls=server.tls)
         return server, NbdAddress("tcp", host=host, port=port)
 
-    async def _begin_pull(self, job: BackupJob, prepared: PreparedCheckpoint | None) -> None:
+    async def _start(self, job: BackupJob, prepared: PreparedCheckpoint | None) -> None:
+        """Create stores, (pull) start the NBD server, run the one transaction, (pull) export;
+        commit the checkpoint last. Any failure undoes every step done so far."""
         qemu = self._domain.qemu
+        pull = job.mode == PULL
         undo = Undo(f"domain {self._domain.name}: backup {job.id}")
         try:
             for d in job.disks:
-                await self._attach_store(d, undo, backing=d.disk.node)
-            assert job.address
-            fault_point("backup.nbd-server-start")
-            await self._call(qemu.nbd_server_start(job.address))
-            undo.push("nbd-server-stop", lambda: self._stop_server(job))
-            if job.address.transport == "unix" and job.address.path:
-                # QEMU creates the socket with its own umask: only the owner may read backups.
-                os.chmod(job.address.path, 0o600)
-            actions: list[Action] = list(prepared.actions) if prepared else []
-            for d in job.disks:
-                if d.incremental:
-                    assert d.export_bitmap
-                    actions += self._merge_actions(d, d.store_node, d.export_bitmap)
-                actions.append(BlockdevBackup(d.disk.node, d.job_id, d.store_node, "none"))
+                # Pull: the scratch overlay reads through to the live disk (fleecing).
+                await self._attach_store(d, undo, backing=d.disk.node if pull else None)
+            if pull:
+                await self._start_server(job, undo)
             fault_point("backup.transaction")
-            await self._call(qemu.transaction(actions))
+            await self._call(qemu.transaction(self._transaction(job, prepared)))
             self._domain.invalidate()
             if prepared:
                 undo.push("checkpoint bitmaps", lambda: self._remove_bitmaps(prepared))
-            undo.push("block jobs", lambda: self._cancel_jobs(job))
+            # Undone in reverse: the jobs are cancelled before the bitmaps they use go.
             for d in job.disks:
+                if d.temp_bitmap:
+                    undo.push("temporary bitmap", _bind(self._remove_temp_bitmap, d))
+            undo.push("block jobs", lambda: self._cancel_jobs(job))
+            for d in job.disks if pull else ():
                 assert d.export_id and d.export_name
                 fault_point("backup.export-add")
                 await self._call(qemu.export_add(d.export_id, d.store_node, d.export_name,
@@ -418,6 +412,9 @@ class BackupService:
             await undo.run()
             self._domain.invalidate()
             raise
+        if not pull:
+            self._domain.spawn(self._watch_push, job)
+            return
         for d in job.disks:
             source = ExportSource(d.disk.size, _opener(self._open_export, job.address, d))
             # Naming convention of incremental images: the base's image is saved next to it
@@ -425,38 +422,33 @@ class BackupService:
             backing = f"{d.target}-{d.incremental}.qcow2" if d.incremental else None
             d.views = DiskViews(d.disk, source, self._domain.spawn, bool(d.incremental), backing)
 
-    async def _begin_push(self, job: BackupJob, prepared: PreparedCheckpoint | None) -> None:
-        qemu = self._domain.qemu
-        undo = Undo(f"domain {self._domain.name}: backup {job.id}")
-        try:
-            for d in job.disks:
-                await self._attach_store(d, undo, backing=None)
-            actions: list[Action] = list(prepared.actions) if prepared else []
-            for d in job.disks:
-                if d.temp_bitmap:
-                    actions += self._merge_actions(d, d.disk.node, d.temp_bitmap)
-                sync = INCREMENTAL if d.temp_bitmap else FULL
-                actions.append(
-                    BlockdevBackup(d.disk.node, d.job_id, d.store_node, sync, d.temp_bitmap)
-                )
-            fault_point("backup.transaction")
-            await self._call(qemu.transaction(actions))
-            self._domain.invalidate()
-            if prepared:
-                undo.push("checkpoint bitmaps", lambda: self._remove_bitmaps(prepared))
-            # Undone in reverse: the jobs are cancelled before the bitmaps they use go.
-            for d in job.disks:
-                if d.temp_bitmap:
-                    undo.push("temporary bitmap", _bind(self._remove_temp_bitmap, d))
-            undo.push("block jobs", lambda: self._cancel_jobs(job))
-            fault_point("backup.commit")
-            if prepared:
-                await self._domain.checkpoints.commit(prepared)
-        except BaseException:
-            await undo.run()
-            self._domain.invalidate()
-            raise
-        self._domain.spawn(self._watch_push, job)
+    async def _start_server(self, job: BackupJob, undo: Undo) -> None:
+        assert job.address
+        fault_point("backup.nbd-server-start")
+        await self._call(self._domain.qemu.nbd_server_start(job.address))
+        undo.push("nbd-server-stop", lambda: self._stop_server(job))
+        if job.address.transport == "unix" and job.address.path:
+            # QEMU creates the socket with its own umask: only the owner may read backups.
+            os.chmod(job.address.path, 0o600)
+
+    def _transaction(self, job: BackupJob, prepared: PreparedCheckpoint | None) -> list[Action]:
+        """The new checkpoint's bitmaps, each incremental disk's temporary bitmap (on the
+        scratch node for pull, on the disk for push) and the backup jobs: one atomic point."""
+        actions: list[Action] = list(prepared.actions) if prepared else []
+        for d in job.disks:
+            if job.mode == PULL:
+                if d.incremental:
+                    assert d.export_bitmap
+                    actions += self._merge_actions(d, d.store_node, d.export_bitmap)
+                actions.append(BlockdevBackup(d.disk.node, d.job_id, d.store_node, "none"))
+                continue
+            if d.temp_bitmap:
+                actions += self._merge_actions(d, d.disk.node, d.temp_bitmap)
+            sync = INCREMENTAL if d.temp_bitmap else FULL
+            actions.append(
+                BlockdevBackup(d.disk.node, d.job_id, d.store_node, sync, d.temp_bitmap)
+            )
+        return actions
 
     async def _attach_store(self, d: DiskJob, undo: Undo, backing: str | None) -> None:
         """Create the store file and its nodes; register their removal."""
