@@ -28,6 +28,7 @@ from typing import Any
 import nbd
 import pytest
 
+from tests.integration.helpers import errors_of, listing, wait_for, write_errno
 from vcfs.demo import VM, DiskSpec
 
 UNIT = 64 << 10
@@ -47,37 +48,12 @@ PUSH_FAULT_POINTS = {"backup.create-store", "backup.add-store-node", "backup.tra
 # --- helpers -----------------------------------------------------------------------------------
 
 
-def write_errno(path: Path, data: bytes) -> int:
-    """Write `data` in one write() the way `echo` does; return the errno (0 on success)."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
-    except OSError as e:
-        return e.errno
-    try:
-        os.write(fd, data)
-        return 0
-    except OSError as e:
-        return e.errno
-    finally:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
 
 
-def errors_of(dom: Path) -> list[str]:
-    return (dom / "errors").read_text().splitlines()
 
 
-def listing(d: Path) -> list[str]:
-    return sorted(os.listdir(d))
 
 
-def wait_for(predicate, timeout: float = 5.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def begin(backups: Path, doc: str) -> str:

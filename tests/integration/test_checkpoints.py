@@ -14,35 +14,16 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.helpers import errors_of, listing, wait_for, write_errno
 from vcfs.demo import DiskSpec
 
 CONFORMANCE = Path(__file__).resolve().parents[3] / "shared/conformance/libvirt/tests"
 
 
-def write_errno(path: Path, data: bytes) -> int:
-    """Write `data` in one write() the way `echo` does; return the errno (0 on success)."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
-    except OSError as e:
-        return e.errno
-    try:
-        os.write(fd, data)
-        return 0
-    except OSError as e:
-        return e.errno
-    finally:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
 
 
-def errors_of(dom: Path) -> list[str]:
-    return (dom / "errors").read_text().splitlines()
 
 
-def listing(d: Path) -> list[str]:
-    return sorted(os.listdir(d))
 
 
 @pytest.fixture
@@ -292,11 +273,6 @@ def test_reconcile_reports_missing_and_orphan_bitmaps(vm, mnt, sh):
     assert listing(cps) == ["a", "current", "new", "redefine"]
 
 
-def wait_for(predicate, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
 
 
 def test_unclean_qemu_death_marks_checkpoints_broken(vm, mnt):
