@@ -14,6 +14,7 @@ from pathlib import Path
 
 import trio
 
+from vcfs import notify
 from vcfs.adapters.bridge import AsyncioBridge
 from vcfs.adapters.codec import XmlCodec
 from vcfs.adapters.nbd import NbdExport
@@ -39,7 +40,11 @@ class Config:
 
 
 async def serve(config: Config, ready: Callable[[], None] = lambda: None) -> None:
-    """Mount, call `ready()`, serve until unmounted or SIGTERM/SIGINT, then clean up."""
+    """Mount, call `ready()`, serve until unmounted or SIGTERM/SIGINT, then clean up.
+
+    A service manager listening on $NOTIFY_SOCKET hears READY=1 with `ready()` and STOPPING=1
+    before the unmount (vcfs.notify).
+    """
     config.runtime_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(config.runtime_dir, 0o700)  # NBD sockets live here
     bridge = AsyncioBridge()
@@ -66,12 +71,15 @@ async def serve(config: Config, ready: Callable[[], None] = lambda: None) -> Non
                 mount.open()
                 log.info("mounted %s on %s", config.host_dir, config.mountpoint)
                 ready()
+                notify.ready(f"serving {config.host_dir} on {config.mountpoint}")
                 await mount.run()
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         raise single_exception(group) from None
     finally:
         was_mounted = mount.is_open
+        if was_mounted:
+            notify.stopping(f"unmounting {config.mountpoint}")
         mount.close()
         with trio.CancelScope(shield=True):
             await host.close()

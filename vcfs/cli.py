@@ -1,8 +1,15 @@
-"""Command line: `vcfs mount`, `vcfs umount`, `vcfs demo`; logging; exit codes.
+"""Command line: `vcfs mount|umount|status|wait|man|demo`, the mount helper form; logging; exit
+codes.
 
 Start-up errors are one line on stderr and exit status 1. Without `-f`, `mount` forks, and the
 parent exits only once the child reports the mount ready (or failed), so scripts can use the
 mount right after the command returns.
+
+`vcfs HOST MOUNTPOINT -o OPTIONS` (no subcommand) is how mount.fuse3 runs vcfs for
+`mount -t fuse.vcfs` and /etc/fstab: it is translated into `vcfs mount` (`helper_argv`).
+
+The mount machinery (trio, pyfuse3) is imported only by `mount`, so the other commands start
+fast and the manual page renders without it.
 """
 
 from __future__ import annotations
@@ -13,13 +20,30 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-
-import trio
+from typing import TYPE_CHECKING, NoReturn
 
 from vcfs import __version__
-from vcfs.app import Config, serve
+
+if TYPE_CHECKING:
+    from vcfs.app import Config
 
 log = logging.getLogger("vcfs")
+
+SUBCOMMANDS = ("mount", "umount", "status", "wait", "man", "demo")
+
+MOUNT_ONLY_OPTIONS = frozenset({
+    "rw", "dev", "suid", "exec", "auto", "noauto", "user", "nouser", "users", "owner",
+    "group", "defaults", "_netdev", "nofail",
+})
+"""Options mount(8) and fstab pass along that mean nothing to a FUSE filesystem."""
+MOUNT_ONLY_PREFIXES = ("x-", "X-", "comment=")
+VALUE_OPTIONS = {"state_dir": "--state-dir", "runtime_dir": "--runtime-dir",
+                 "log_file": "--log-file"}
+FLAG_OPTIONS = {"cache_images": "--cache-images", "debug": "--debug"}
+
+TIMESTAMPED = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+SYSLOG_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
+                   logging.CRITICAL: 2}
 
 
 def default_dirs() -> tuple[Path, Path]:
@@ -32,53 +56,189 @@ def default_dirs() -> tuple[Path, Path]:
 
 
 def parser() -> argparse.ArgumentParser:
-    """The argument parser (also the source of the manual page)."""
+    """The argument parser (also the source of the manual page: help texts must not depend on
+    who runs it)."""
     state, runtime = default_dirs()
     p = argparse.ArgumentParser(
         prog="vcfs",
         description="A FUSE filesystem exposing checkpoints and backups of running QEMU VMs.",
+        epilog="Also the mount helper: vcfs HOST MOUNTPOINT -o OPTIONS (see vcfs man).",
     )
     p.add_argument("--version", action="version", version=f"vcfs {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    m = sub.add_parser("mount", help="mount a host directory of QMP sockets")
-    m.add_argument("host", type=Path, help="directory of QMP sockets, NAME.qmp per domain")
-    m.add_argument("mountpoint", type=Path)
-    m.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
-    m.add_argument("-o", dest="options", action="append", default=[],
+    m = sub.add_parser(
+        "mount", help="mount a host directory of QMP sockets",
+        description="Mount HOST, a directory of QMP sockets (NAME.qmp per domain), on "
+        "MOUNTPOINT. Without -f, the command returns once the mount is ready and vcfs serves "
+        "it in the background; with -f it serves until unmounted, SIGTERM or SIGINT, and "
+        "tells a service manager through $NOTIFY_SOCKET.",
+    )
+    m.add_argument("host", type=Path, metavar="HOST",
+                   help="directory of QMP sockets, NAME.qmp per domain")
+    m.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT", help="an empty directory")
+    m.add_argument("-f", "--foreground", action="store_true",
+                   help="stay in the foreground and log to stderr")
+    m.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
                    help="FUSE mount options, comma separated (allow_other, ro, …)")
-    m.add_argument("--state-dir", type=Path, default=state,
-                   help=f"checkpoint metadata (default {state})")
-    m.add_argument("--runtime-dir", type=Path, default=runtime,
-                   help=f"NBD sockets and scratch (default {runtime})")
+    m.add_argument("--state-dir", type=Path, default=state, metavar="DIR",
+                   help="checkpoint metadata and backup scratch files (default /var/lib/vcfs "
+                   "for root, else $XDG_DATA_HOME/vcfs)")
+    m.add_argument("--runtime-dir", type=Path, default=runtime, metavar="DIR",
+                   help="NBD sockets, mode 0700 (default /run/vcfs for root, else "
+                   "$XDG_RUNTIME_DIR/vcfs)")
     m.add_argument("--cache-images", action="store_true",
                    help="let the kernel page cache keep backup images (default: direct I/O, "
                    "faster for images read once)")
-    m.add_argument("--log-file", type=Path, help="log here (background mode logs nowhere else)")
+    m.add_argument("--log-file", type=Path, metavar="FILE",
+                   help="log here too; in the background the only log, unless stderr is the "
+                   "journal")
     m.add_argument("--debug", action="store_true", help="log QMP traffic and every request")
 
-    u = sub.add_parser("umount", help="unmount a vcfs mount")
-    u.add_argument("mountpoint", type=Path)
+    u = sub.add_parser("umount", help="unmount a vcfs mount",
+                       description="Unmount MOUNTPOINT (fusermount3 -u); vcfs then ends every "
+                       "backup job and exits.")
+    u.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT", help="a vcfs mount point")
 
-    d = sub.add_parser("demo", help="start two demo VMs, mount them, show a tour")
-    d.add_argument("mountpoint", type=Path, nargs="?", default=Path("vcfs-demo"))
+    s = sub.add_parser(
+        "status", help="show domains, checkpoints and backup jobs",
+        description="List the domains of a mount with their checkpoints (marking the "
+        "current one) and backup jobs (mode, state, per-disk progress, error), reading the "
+        "mount like any user. Without MOUNTPOINT, every vcfs mount. With --watch, redraw each "
+        "running job as a progress bar (bytes, rate, time left) until none is running.",
+    )
+    s.add_argument("mountpoint", type=Path, nargs="?", metavar="MOUNTPOINT",
+                   help="a vcfs mount, or one domain's directory in it")
+    s.add_argument("-w", "--watch", action="store_true",
+                   help="follow running jobs until none is running")
+    s.add_argument("--interval", type=float, default=1.0, metavar="SECONDS",
+                   help="time between two redraws with --watch (default 1)")
+
+    w = sub.add_parser(
+        "wait", help="wait for a backup job to finish",
+        description="Poll BACKUP's status until the job is no longer running. Exit 0 if it "
+        "completed; 1 if it failed or was cancelled (the error on stderr), or if its "
+        "directory went away; 2 if BACKUP is not a backup job directory.",
+    )
+    w.add_argument("backup", type=Path, metavar="BACKUP",
+                   help="MOUNTPOINT/DOMAIN/backups/ID (or backups/latest)")
+    w.add_argument("--interval", type=float, default=0.2, metavar="SECONDS",
+                   help="time between two polls (default 0.2)")
+
+    mp = sub.add_parser("man", help="show the manual page",
+                        description="Show this manual page (with man -l), or print its roff "
+                        "source with --roff or when stdout is not a terminal.")
+    mp.add_argument("--roff", action="store_true", help="print the roff source")
+
+    d = sub.add_parser("demo", help="start two demo VMs, mount them, show a tour",
+                       description="Start two small VMs, mount them, and show a tour; "
+                       "Ctrl-C unmounts, stops the VMs and removes what the demo made.")
+    d.add_argument("mountpoint", type=Path, nargs="?", default=Path("vcfs-demo"),
+                   metavar="MOUNTPOINT", help="where to mount (default ./vcfs-demo)")
     return p
 
 
-def setup_logging(debug: bool, log_file: Path | None) -> None:
-    """Log to stderr (and/or a file) in a format that names the level between spaces."""
-    handlers: list[logging.Handler] = [logging.StreamHandler()]
-    if log_file:
-        handlers.append(logging.FileHandler(log_file))
-    logging.basicConfig(
-        level=logging.DEBUG if debug else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        handlers=handlers,
-    )
+# ---- the mount helper form ----------------------------------------------------------------
 
 
 class StartError(Exception):
     """A start-up problem, reported as one line."""
+
+
+def is_helper_form(argv: list[str]) -> bool:
+    """Whether `argv` is mount.fuse3's `HOST MOUNTPOINT [-o OPTIONS]` rather than a command."""
+    return bool(argv) and argv[0] not in SUBCOMMANDS and not argv[0].startswith("-")
+
+
+class _HelperParser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise StartError(f"{message} (usage: vcfs HOST MOUNTPOINT [-o OPTIONS])")
+
+
+def helper_argv(argv: list[str]) -> list[str]:
+    """`vcfs HOST MOUNTPOINT -o OPTIONS` as the equivalent `vcfs mount` command line.
+
+    mount(8)'s own options are dropped, vcfs's (`state_dir=…`) become flags, the rest are
+    FUSE options. The legacy source form `vcfs#HOST` is accepted.
+    """
+    hp = _HelperParser(prog="vcfs", add_help=False)
+    hp.add_argument("source")
+    hp.add_argument("mountpoint")
+    hp.add_argument("-o", dest="options", action="append", default=[])
+    hp.add_argument("-f", dest="foreground", action="store_true")
+    for flag in ("-n", "-v", "-s"):  # mount(8)'s helper flags: no mtab, verbose, sloppy
+        hp.add_argument(flag, action="store_true")
+    hp.add_argument("-t", dest="type")
+    args = hp.parse_args(argv)
+    source = args.source.removeprefix("vcfs#")
+    out = ["mount"] + (["-f"] if args.foreground else [])
+    fuse: list[str] = []
+    for opt in (o for group in args.options for o in group.split(",") if o):
+        key, eq, value = opt.partition("=")
+        key = key.replace("-", "_")  # state-dir= as well as state_dir=
+        if opt in MOUNT_ONLY_OPTIONS or opt.startswith(MOUNT_ONLY_PREFIXES):
+            continue
+        if key in VALUE_OPTIONS:
+            if not eq or not value:
+                raise StartError(f"option {key} needs a value ({key}=…)")
+            out += [VALUE_OPTIONS[key], value]
+        elif key in FLAG_OPTIONS and not eq:
+            out.append(FLAG_OPTIONS[key])
+        else:
+            fuse.append(opt)
+    if fuse:
+        out += ["-o", ",".join(fuse)]
+    return [*out, "--", source, args.mountpoint]
+
+
+# ---- logging --------------------------------------------------------------------------------
+
+
+def stderr_is_journal() -> bool:
+    """Whether stderr is the journal's stream ($JOURNAL_STREAM names its device and inode)."""
+    value = os.environ.get("JOURNAL_STREAM", "")
+    dev, _, ino = value.partition(":")
+    try:
+        st = os.fstat(2)
+        return bool(value) and (st.st_dev, st.st_ino) == (int(dev), int(ino))
+    except (OSError, ValueError):
+        return False
+
+
+class JournalFormatter(logging.Formatter):
+    """`<6>INFO vcfs.x: message`: journald reads the priority and adds the time itself."""
+
+    def __init__(self) -> None:
+        super().__init__("%(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        priority = SYSLOG_PRIORITY.get(record.levelno, 6)
+        return f"<{priority}>{super().format(record)}"
+
+
+def setup_logging(debug: bool, log_file: Path | None, to_stderr: bool = True) -> None:
+    """Log to stderr (journal-style when stderr is the journal) and/or a file; each line
+    names the level between spaces."""
+    handlers: list[logging.Handler] = []
+    if to_stderr:
+        handler = logging.StreamHandler()
+        handler.setFormatter(
+            JournalFormatter() if stderr_is_journal() else logging.Formatter(TIMESTAMPED)
+        )
+        handlers.append(handler)
+    if log_file:
+        handler = logging.FileHandler(log_file)
+        handler.setFormatter(logging.Formatter(TIMESTAMPED))
+        handlers.append(handler)
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    for h in handlers:
+        root.addHandler(h)
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+
+
+# ---- mount and umount -----------------------------------------------------------------------
 
 
 def check_mount_args(args: argparse.Namespace) -> None:
@@ -95,6 +255,8 @@ def check_mount_args(args: argparse.Namespace) -> None:
 
 def mount_config(args: argparse.Namespace) -> Config:
     """The app's configuration from the parsed command line."""
+    from vcfs.app import Config
+
     options = [o for group in args.options for o in group.split(",") if o]
     return Config(
         host_dir=args.host.resolve(),
@@ -106,14 +268,26 @@ def mount_config(args: argparse.Namespace) -> Config:
     )
 
 
+def _log_start(config: Config) -> None:
+    log.info("vcfs %s starting: host %s, mountpoint %s, state %s, runtime %s, options %s",
+             __version__, config.host_dir, config.mountpoint, config.state_dir,
+             config.runtime_dir, ",".join(config.fuse_options) or "-")
+
+
 def run_mount(args: argparse.Namespace) -> int:
     """`vcfs mount`: foreground, or fork and wait for the child's readiness report."""
+    import trio
+
+    from vcfs.app import serve
+
     check_mount_args(args)
     config = mount_config(args)
     if args.foreground:
         setup_logging(args.debug, args.log_file)
+        _log_start(config)
         trio.run(serve, config)
         return 0
+    journal = stderr_is_journal()
     read_fd, write_fd = os.pipe()
     if os.fork():
         os.close(write_fd)
@@ -126,9 +300,11 @@ def run_mount(args: argparse.Namespace) -> int:
     os.setsid()
     os.chdir("/")  # do not keep the caller's directory busy
     null = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
+    # Under systemd (a mount unit running mount(8)) stderr is the journal: keep logging there.
+    for fd in (0, 1) if journal else (0, 1, 2):
         os.dup2(null, fd)
-    setup_logging(args.debug, args.log_file)
+    setup_logging(args.debug, args.log_file, to_stderr=journal)
+    _log_start(config)
     pipe = os.fdopen(write_fd, "wb", buffering=0)
 
     def ready() -> None:
@@ -153,14 +329,40 @@ def run_umount(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_man(args: argparse.Namespace) -> int:
+    """`vcfs man`: page through vcfs(1), or print its roff source."""
+    from vcfs.manpage import render
+
+    page = render(parser())
+    if args.roff or not sys.stdout.isatty():
+        sys.stdout.write(page)
+        return 0
+    try:
+        return subprocess.run(["man", "-l", "-"], input=page, text=True).returncode
+    except FileNotFoundError:
+        sys.stdout.write(page)
+        return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `vcfs` console script."""
-    args = parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
+        if is_helper_form(argv):
+            argv = helper_argv(argv)
+        args = parser().parse_args(argv)
         if args.command == "mount":
             return run_mount(args)
         if args.command == "umount":
             return run_umount(args)
+        if args.command in ("status", "wait"):
+            from vcfs import tools
+
+            if args.command == "status":
+                return tools.status(args.mountpoint, watch=args.watch, interval=args.interval)
+            return tools.wait(args.backup, interval=args.interval)
+        if args.command == "man":
+            return run_man(args)
         from vcfs.demo import run_demo
 
         return run_demo(args.mountpoint)

@@ -2,7 +2,9 @@
 
 Layout: `STATE/domains/<domain>/checkpoints/<name>.xml` holds each checkpoint in libvirt's own
 format (with `<domain>`), so an export to or import from libvirt is lossless;
-`STATE/domains/<domain>/current` names the current checkpoint. Every write is temp file, fsync,
+`STATE/domains/<domain>/current` names the current checkpoint; `STATE/domains/<domain>/intents/`
+holds a JSON record of each multi-step operation in progress, written before it acts, so that
+after a crash the operation is finished or undone. Every write is temp file, fsync,
 rename, fsync of the directory: after a crash a file is either the old or the new version.
 Thread rule: synchronous and small; called from trio tasks directly.
 """
@@ -10,9 +12,11 @@ Thread rule: synchronous and small; called from trio tasks directly.
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 from vcfs.adapters import xmlcodec
 from vcfs.domain.model import CheckpointDef
@@ -97,3 +101,28 @@ class StateStore:
 
     def set_current(self, domain: str, name: str | None) -> None:
         write_atomically(self._dir(domain).parent / "current", (name or "").encode() + b"\n")
+
+    def _intents(self, domain: str) -> Path:
+        d = self.root / "domains" / domain / "intents"
+        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return d
+
+    def put_intent(self, domain: str, key: str, intent: dict[str, Any]) -> None:
+        write_atomically(self._intents(domain) / f"{key}.json", json.dumps(intent).encode())
+
+    def intents(self, domain: str) -> dict[str, dict[str, Any]]:
+        found = {}
+        for f in sorted(self._intents(domain).glob("*.json")):
+            try:
+                found[f.stem] = json.loads(f.read_bytes())
+            except (OSError, ValueError) as e:
+                log.warning("domain %s: ignoring unreadable intent %s: %s", domain, f, e)
+        return found
+
+    def drop_intent(self, domain: str, key: str) -> None:
+        d = self._intents(domain)
+        try:
+            (d / f"{key}.json").unlink(missing_ok=True)
+            fsync_dir(d)
+        except OSError as e:
+            raise os_error(f"cannot remove intent {key}", e) from None

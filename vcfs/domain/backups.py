@@ -38,12 +38,14 @@ from vcfs.domain.model import (
     BackupServer,
     BackupStore,
     Disk,
+    DomainInfo,
 )
 from vcfs.domain.names import check_checkpoint_name, check_job_name
 from vcfs.domain.ports import (
     Action,
     AddBitmap,
     BlockdevBackup,
+    CheckpointStore,
     Export,
     MergeBitmaps,
     NbdAddress,
@@ -163,12 +165,14 @@ class BackupService:
     def __init__(
         self,
         domain: Domain,
+        store: CheckpointStore,
         codec: BackupCodec,
         runtime_dir: Path,
         scratch_dir: Path,
         open_export: ExportOpener,
     ) -> None:
         self._domain = domain
+        self._store = store
         self._codec = codec
         self._runtime_dir = runtime_dir
         self._scratch_dir = scratch_dir
@@ -383,6 +387,7 @@ class BackupService:
         qemu = self._domain.qemu
         pull = job.mode == PULL
         undo = Undo(f"domain {self._domain.name}: backup {job.id}")
+        self._record(job, prepared)
         try:
             for d in job.disks:
                 # Pull: the scratch overlay reads through to the live disk (fleecing).
@@ -411,6 +416,7 @@ class BackupService:
         except BaseException:
             await undo.run()
             self._domain.invalidate()
+            self._forget_record(job)
             raise
         if not pull:
             self._domain.spawn(self._watch_push, job)
@@ -421,6 +427,83 @@ class BackupService:
             # as <disk>-<checkpoint>.qcow2 (README, scripts/vcfs-backup).
             backing = f"{d.target}-{d.incremental}.qcow2" if d.incremental else None
             d.views = DiskViews(d.disk, source, self._domain.spawn, bool(d.incremental), backing)
+
+    def _record(self, job: BackupJob, prepared: PreparedCheckpoint | None) -> None:
+        """Write down, before QEMU is touched, everything a crash could leave behind."""
+        cp = prepared.definition if prepared else None
+        self._store.put_intent(self._domain.name, f"backup-{job.id}", {
+            "op": "backup", "id": job.id, "mode": job.mode,
+            "checkpoint": cp.name if cp else None,
+            "checkpoint_disks": [d.name for d in cp.bitmap_disks()] if cp else [],
+            "socket": job.address.path if job.address and job.address.transport == "unix"
+            else None,
+            "disks": [
+                {"target": d.target, "job": d.job_id, "store": d.store_path,
+                 "nodes": [d.store_node, d.file_node], "export": d.export_id,
+                 "temp_bitmap": d.temp_bitmap}
+                for d in job.disks
+            ],
+        })
+
+    def _forget_record(self, job: BackupJob) -> None:
+        try:
+            self._store.drop_intent(self._domain.name, f"backup-{job.id}")
+        except VcfsError as e:
+            log.warning("domain %s: backup %s: %s", self._domain.name, job.id, e)
+
+    async def recover(self, info: DomainInfo) -> list[tuple[str, str]]:
+        """Remove what backups interrupted by a crash left in QEMU and on disk.
+
+        Running jobs are not adopted yet: a pull backup is ended, a push backup cancelled (its
+        target kept only if QEMU had completed it), a half-begun one undone with its
+        checkpoint's bitmaps unless the checkpoint was committed.
+        """
+        done = []
+        qemu = self._domain.qemu
+        dom = self._domain.name
+        for key, r in self._store.intents(dom).items():
+            if r.get("op") != "backup":
+                continue
+            jobs = {j.id: j for j in await qemu.jobs()}
+            exports = {d["export"] for d in r["disks"] if d["export"]}
+            for export_id in exports:
+                await _quietly(qemu.export_del(export_id))
+            kept = []
+            for d in r["disks"]:
+                j = jobs.get(d["job"])
+                completed = j is not None and j.status == "concluded" and j.error is None
+                if j is not None and j.status not in ("concluded", "null"):
+                    await _quietly(qemu.job_cancel(d["job"]))
+                    with trio.move_on_after(CANCEL_TIMEOUT):
+                        while any(x.id == d["job"] and x.status != "concluded"
+                                  for x in await qemu.jobs()):
+                            await trio.sleep(0.005)
+                if j is not None:
+                    await _quietly(qemu.job_dismiss(d["job"]))
+                for node in d["nodes"]:
+                    await _quietly(qemu.delete_node(node))
+                disk = info.disk(d["target"])
+                if d["temp_bitmap"] and disk is not None and disk.bitmap(d["temp_bitmap"]):
+                    await _quietly(qemu.transaction([RemoveBitmap(disk.node, d["temp_bitmap"])]))
+                if r["mode"] == PUSH and completed:
+                    kept.append(d["store"])
+                else:
+                    await _unlink(d["store"])
+            if r["mode"] == PULL:
+                await _quietly(qemu.nbd_server_stop())
+                if r["socket"]:
+                    await _unlink(r["socket"])
+            name = r["checkpoint"]
+            if name and self._domain.checkpoints.get(name) is None:
+                stray = [RemoveBitmap(disk.node, name) for t in r["checkpoint_disks"]
+                         if (disk := info.disk(t)) is not None and disk.bitmap(name)]
+                await _quietly(qemu.transaction(stray))
+            self._store.drop_intent(dom, key)
+            self._domain.invalidate()
+            note = f" (kept completed targets {', '.join(kept)})" if kept else ""
+            done.append((f"backups/{r['id']}",
+                         f"cleaned up {r['mode']} backup {r['id']} interrupted by a crash{note}"))
+        return done
 
     async def _start_server(self, job: BackupJob, undo: Undo) -> None:
         assert job.address
@@ -577,6 +660,7 @@ class BackupService:
                 if d.created_store:
                     await _unlink(d.store_path)
         job.finished.set()
+        self._forget_record(job)
         log.info("domain %s: push backup %s %s", self._domain.name, job.id, job.state)
 
     async def _watch_push(self, job: BackupJob) -> None:
@@ -609,6 +693,7 @@ class BackupService:
                 await self._cancel_push(job)
         elif job.state == RUNNING or job.disks[0].views is not None:
             await self._end_pull(job)
+        self._forget_record(job)
         del self._jobs[job_id]
         if self.latest == job_id:
             self.latest = next(reversed(self._jobs), None) if self._jobs else None
@@ -693,6 +778,14 @@ def _bind(fn: Callable[..., Awaitable[None]], *args: object) -> Callable[[], Awa
         await fn(*args)
 
     return call
+
+
+async def _quietly(call: Awaitable[object]) -> None:
+    """A recovery step whose object may well be gone already."""
+    try:
+        await call
+    except VcfsError as e:
+        log.debug("recovery step: %s", e)
 
 
 async def _unlink(path: str) -> None:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from vcfs.domain.align import align_checkpoint, fill_bitmap_names
+from vcfs.domain.faults import fault_point
 from vcfs.domain.model import BITMAP, NO, Checkpoint, CheckpointDef, CheckpointDisk, DomainInfo
 from vcfs.domain.names import check_checkpoint_name
 from vcfs.domain.ports import AddBitmap, CheckpointStore, Codec, RemoveBitmap
@@ -163,6 +164,50 @@ class CheckpointService:
             current = leaves[0] if len(leaves) == 1 else None
         self.current = current
 
+    async def recover(self, info: DomainInfo) -> list[tuple[str, str]]:
+        """Finish or undo the checkpoint operations a crash interrupted; say what was done.
+
+        Create: metadata written means it completed (only `current` may lag); otherwise its
+        bitmaps, if the transaction ran, are removed. Delete: the bitmaps went in one
+        transaction, so either they are all still there (nothing happened) or the metadata
+        part is finished now.
+        """
+        done = []
+        dom = self._domain.name
+        for key, intent in self._store.intents(dom).items():
+            op = intent.get("op")
+            if op == "checkpoint-create":
+                name = intent["name"]
+                if name in self._checkpoints:
+                    self.current = name
+                    self._store.set_current(dom, name)
+                    done.append((f"checkpoints/{name}", f"completed interrupted create of {name}"))
+                else:
+                    stray = [
+                        RemoveBitmap(disk.node, name)
+                        for target in intent["disks"]
+                        if (disk := info.disk(target)) is not None and disk.bitmap(name)
+                    ]
+                    await self._domain.qemu.transaction(stray)
+                    done.append((f"checkpoints/{name}",
+                                 f"undid interrupted create of {name} ({len(stray)} bitmaps)"))
+            elif op == "checkpoint-delete":
+                victims = [v for v in intent["victims"] if v in self._checkpoints]
+                still_there = not intent["metadata_only"] and any(
+                    (disk := info.disk(target)) is not None and disk.bitmap(victim)
+                    for target, victim in intent["bitmaps"]
+                )
+                if victims and not still_there:
+                    self._forget(victims)
+                    done.append(("checkpoints", f"completed interrupted delete of "
+                                 f"{', '.join(victims)}"))
+            else:
+                continue  # not a checkpoint operation
+            self._store.drop_intent(dom, key)
+        if done:
+            self._domain.invalidate()
+        return done
+
     def reconcile(self, info: DomainInfo) -> list[tuple[str, str]]:
         """Compare metadata with QEMU's bitmaps; return (path, message) for each disagreement."""
         findings = []
@@ -213,13 +258,26 @@ class CheckpointService:
 
     async def _create(self, cp: CheckpointDef, info: DomainInfo | None = None) -> None:
         prepared = await self.prepare(cp, info)
+        name = prepared.definition.name
+        key = f"checkpoint-create-{name}"
+        self._store.put_intent(self._domain.name, key, {
+            "op": "checkpoint-create", "name": name,
+            "disks": [d.name for d in prepared.definition.bitmap_disks()],
+        })
         try:
-            await self._domain.qemu.transaction(prepared.actions)
-        except QmpCommandError as e:
-            raise translate_qmp(e) from None
+            fault_point("checkpoint.create.transaction")
+            try:
+                await self._domain.qemu.transaction(prepared.actions)
+            except QmpCommandError as e:
+                raise translate_qmp(e) from None
+            finally:
+                self._domain.invalidate()
+            fault_point("checkpoint.create.commit")
+            await self.commit(prepared)
+            fault_point("checkpoint.create.done")
         finally:
-            self._domain.invalidate()
-        await self.commit(prepared)
+            # Reached on success and after a rollback alike; only a crash leaves the intent.
+            self._store.drop_intent(self._domain.name, key)
 
     async def prepare(
         self, cp: CheckpointDef, info: DomainInfo | None = None
@@ -381,9 +439,22 @@ class CheckpointService:
                 victims.append(name)
             if not victims:
                 return
-            if "metadata-only" not in modes:
-                await self._remove_bitmaps(victims)
-            self._forget(victims)
+            key = f"checkpoint-delete-{name}"
+            self._store.put_intent(self._domain.name, key, {
+                "op": "checkpoint-delete", "victims": victims,
+                "metadata_only": "metadata-only" in modes,
+                "bitmaps": [[d.name, v] for v in victims
+                            for d in self._checkpoints[v].definition.bitmap_disks()],
+            })
+            try:
+                fault_point("checkpoint.delete.transaction")
+                if "metadata-only" not in modes:
+                    await self._remove_bitmaps(victims)
+                fault_point("checkpoint.delete.metadata")
+                self._forget(victims)
+                fault_point("checkpoint.delete.done")
+            finally:
+                self._store.drop_intent(self._domain.name, key)
         log.info("domain %s: deleted checkpoint(s) %s", self._domain.name, ", ".join(victims))
 
     async def _remove_bitmaps(self, victims: list[str]) -> None:

@@ -62,7 +62,7 @@ class Domain:
         self.lock = trio.Lock()
         self.checkpoints = CheckpointService(self, env.store, env.codec)
         self.backups = BackupService(
-            self, env.codec, env.runtime_dir, env.scratch_dir, env.open_export
+            self, env.store, env.codec, env.runtime_dir, env.scratch_dir, env.open_export
         )
         self.created = time.time()
         self.socket_ino = 0
@@ -82,9 +82,16 @@ class Domain:
         self._info = None
 
     async def start(self) -> None:
-        """Load checkpoint metadata and report where it disagrees with QEMU's bitmaps."""
+        """Load metadata, finish or undo what a crash interrupted, report disagreements."""
         self.checkpoints.load()
         info = await self.info(max_age=0)
+        recovered = await self.checkpoints.recover(info)
+        recovered += await self.backups.recover(info)
+        for path, message in recovered:
+            log.warning("domain %s: %s: %s", self.name, path, message)
+            self.errors.add(path, "RECOVER", message)
+        if recovered:
+            info = await self.info(max_age=0)
         for path, message in self.checkpoints.reconcile(info):
             log.warning("domain %s: %s: %s", self.name, path, message)
             self.errors.add(path, "RECONCILE", message)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from vcfs.domain.extents import Extent
 from vcfs.domain.model import BackupDef, CheckpointDef, DiskRef, DomainInfo
@@ -160,6 +160,18 @@ class CheckpointStore(Protocol):
 
     def set_current(self, domain: str, name: str | None) -> None:
         """Record which checkpoint is current (None: no current)."""
+        ...
+
+    def put_intent(self, domain: str, key: str, intent: dict[str, Any]) -> None:
+        """Durably record that an operation is about to act (JSON-serialisable)."""
+        ...
+
+    def intents(self, domain: str) -> dict[str, dict[str, Any]]:
+        """Every recorded intent of the domain, by key."""
+        ...
+
+    def drop_intent(self, domain: str, key: str) -> None:
+        """The operation is complete or undone."""
         ...
 
 

@@ -1,0 +1,412 @@
+"""`vcfs status` and `vcfs wait`: watching a mount the way a user would, by reading its files.
+
+Nothing here talks to QEMU or to the vcfs process: a domain is a directory, a job's progress is
+its `status` file (`state:`, `mode:`, `disk <name>: <done>/<total>`, `nbd-read:`, `error:`).
+Push jobs' progress is QEMU's; pull jobs' is the bytes read through `disks/`. Rates and times
+left are computed here from successive reads.
+
+Thread rule: synchronous, one thread.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+RUNNING, COMPLETED = "running", "completed"
+CONTROL = {"new", "redefine", "current", "latest"}
+RATE_WINDOW = 5.0
+"""Seconds of samples the rate is averaged over."""
+BAR = 24
+
+
+@dataclass
+class DiskProgress:
+    """One `disk <name>: <done>/<total>` line."""
+
+    name: str
+    done: int
+    total: int
+
+
+@dataclass
+class JobStatus:
+    """A parsed `status` file."""
+
+    state: str
+    mode: str
+    disks: list[DiskProgress] = field(default_factory=list)
+    nbd_read: int | None = None
+    error: str | None = None
+
+
+class NotABackup(Exception):
+    """The path is not a backup job's directory."""
+
+
+def parse_status(text: str) -> JobStatus:
+    """A `status` file's content; ValueError if it is not one."""
+    st = JobStatus(state="", mode="")
+    for line in text.splitlines():
+        key, sep, value = line.partition(": ")
+        if not sep:
+            continue
+        if key == "state":
+            st.state = value
+        elif key == "mode":
+            st.mode = value
+        elif key.startswith("disk "):
+            done, _, total = value.partition("/")
+            st.disks.append(DiskProgress(key[5:], int(done), int(total or 0)))
+        elif key == "nbd-read":
+            st.nbd_read = int(value)
+        elif key == "error":
+            st.error = value
+    if not st.state:
+        raise ValueError("no state: line")
+    return st
+
+
+def read_status(job: Path) -> JobStatus:
+    """The status of the job whose directory is `job` (OSError, ValueError)."""
+    return parse_status((job / "status").read_text())
+
+
+# ---- finding things ---------------------------------------------------------------------------
+
+
+def vcfs_mounts(mountinfo: str = "/proc/self/mountinfo") -> list[Path]:
+    """Mount points of every vcfs mount (filesystem type fuse.vcfs)."""
+    found = []
+    with open(mountinfo) as f:
+        for line in f:
+            fields = line.split()
+            try:
+                fstype = fields[fields.index("-") + 1]
+            except (ValueError, IndexError):
+                continue
+            if fstype == "fuse.vcfs":
+                found.append(Path(_unescape(fields[4])))
+    return found
+
+
+def _unescape(field: str) -> str:
+    """mountinfo's octal escapes (space, tab, newline, backslash)."""
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\" and field[i + 1 : i + 4].isdigit():
+            out.append(chr(int(field[i + 1 : i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def is_domain_dir(path: Path) -> bool:
+    return (path / "checkpoints").is_dir() and (path / "backups").is_dir()
+
+
+def domain_dirs(path: Path) -> list[Path]:
+    """The domain directories under a mount, or `path` itself if it is one."""
+    if is_domain_dir(path):
+        return [path]
+    return [d for d in sorted(path.iterdir()) if is_domain_dir(d)]
+
+
+def job_dirs(dom: Path) -> list[Path]:
+    """A domain's backup job directories, in numeric order where ids are numbers."""
+    names = [n for n in os.listdir(dom / "backups") if n not in CONTROL]
+    names.sort(key=lambda n: (not n.isdigit(), int(n) if n.isdigit() else 0, n))
+    return [dom / "backups" / n for n in names]
+
+
+# ---- formatting -------------------------------------------------------------------------------
+
+
+def human(n: float) -> str:
+    """1536 -> `1.5 KiB`."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def duration(seconds: float) -> str:
+    """75 -> `1:15`, 3675 -> `1:01:15`."""
+    s = int(round(seconds))
+    h, rest = divmod(s, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def percent(done: int, total: int) -> str:
+    return f"{100 * done / total:3.0f}%" if total else "  -%"
+
+
+def bar(done: int, total: int, width: int = BAR) -> str:
+    filled = int(width * done / total) if total else 0
+    filled = max(0, min(width, filled))
+    return "[" + "#" * filled + "-" * (width - filled) + "]"
+
+
+def checkpoint_line(dom: Path) -> str:
+    cps = dom / "checkpoints"
+    names = sorted(n for n in os.listdir(cps) if n not in CONTROL)
+    if not names:
+        return "checkpoints: none"
+    current = os.readlink(cps / "current") if os.path.lexists(cps / "current") else None
+    shown = []
+    for n in names:
+        notes = ["current"] if n == current else []
+        try:
+            if b"<!-- broken" in (cps / n / "xml").read_bytes():
+                notes.append("broken")
+        except OSError:
+            notes.append("unreadable")
+        shown.append(f"{n} ({', '.join(notes)})" if notes else n)
+    return "checkpoints: " + ", ".join(shown)
+
+
+def job_lines(job: Path, st: JobStatus) -> list[str]:
+    head = f"backup {job.name}: {st.mode}, {st.state}"
+    if st.error:
+        head += f": {st.error}"
+    if st.nbd_read is not None:
+        head += f" ({human(st.nbd_read)} fetched over NBD)"
+    lines = [head]
+    width = max((len(d.name) for d in st.disks), default=0)
+    for d in st.disks:
+        lines.append(f"  {d.name:<{width}}  {human(d.done)} / {human(d.total)}  "
+                     f"{percent(d.done, d.total)}")
+    return lines
+
+
+def domain_lines(dom: Path) -> list[str]:
+    lines = [dom.name]
+    try:
+        lines.append("  " + checkpoint_line(dom))
+        jobs = job_dirs(dom)
+    except OSError as e:
+        return [*lines, f"  unreadable: {e.strerror or e}"]
+    if not jobs:
+        lines.append("  backups: none")
+    for job in jobs:
+        try:
+            st = read_status(job)
+        except (OSError, ValueError) as e:
+            if isinstance(e, FileNotFoundError):
+                continue  # ended meanwhile
+            lines.append(f"  backup {job.name}: unreadable status: {e}")
+            continue
+        lines += ["  " + line for line in job_lines(job, st)]
+    return lines
+
+
+# ---- vcfs status ------------------------------------------------------------------------------
+
+
+def status(mountpoint: Path | None, *, watch: bool = False, interval: float = 1.0,
+           out: TextIO | None = None, err: TextIO | None = None) -> int:
+    """`vcfs status [MOUNTPOINT] [--watch]`."""
+    out = out or sys.stdout
+    err = err or sys.stderr
+    if mountpoint is None:
+        roots = vcfs_mounts()
+        if not roots:
+            print("vcfs: no vcfs mount found", file=err)
+            return 1
+    else:
+        roots = [mountpoint]
+    try:
+        doms = {root: domain_dirs(root) for root in roots}
+    except OSError as e:
+        print(f"vcfs: {e.filename or mountpoint}: {e.strerror or e}", file=err)
+        return 1
+    if mountpoint is not None and not doms[mountpoint] and not _looks_like_vcfs(mountpoint):
+        print(f"vcfs: {mountpoint}: not a vcfs mount or domain directory", file=err)
+        return 1
+    for root in roots:
+        if mountpoint is None:
+            print(f"{root}:", file=out)
+        if not doms[root]:
+            print("no domains", file=out)
+        for dom in doms[root]:
+            print("\n".join(domain_lines(dom)), file=out)
+    out.flush()
+    if watch:
+        return Watcher(roots, out, interval).run()
+    return 0
+
+
+def _looks_like_vcfs(path: Path) -> bool:
+    return any(path.resolve() == m for m in vcfs_mounts())
+
+
+@dataclass
+class Rate:
+    """Bytes per second over the last RATE_WINDOW seconds of samples."""
+
+    samples: deque[tuple[float, int]] = field(default_factory=deque)
+
+    def add(self, t: float, done: int) -> float | None:
+        self.samples.append((t, done))
+        while len(self.samples) > 2 and t - self.samples[1][0] >= RATE_WINDOW:
+            self.samples.popleft()
+        (t0, d0), (t1, d1) = self.samples[0], self.samples[-1]
+        if t1 - t0 < 0.05:
+            return None
+        return max(0.0, (d1 - d0) / (t1 - t0))
+
+
+class Watcher:
+    """`status --watch`: one progress line per disk of each running job, redrawn in place on a
+    terminal, appended otherwise, until no job is running."""
+
+    def __init__(self, roots: Iterable[Path], out: TextIO, interval: float) -> None:
+        self.roots = list(roots)
+        self.out = out
+        self.interval = max(0.05, interval)
+        self.tty = out.isatty()
+        self.rates: dict[tuple[Path, str], Rate] = {}
+        self.started: dict[Path, float] = {}
+        """When each watched job began (wall clock)."""
+        self.drawn = 0
+
+    def running(self) -> list[tuple[Path, JobStatus]]:
+        jobs = []
+        for root in self.roots:
+            try:
+                doms = domain_dirs(root)
+            except OSError:
+                continue
+            for dom in doms:
+                try:
+                    dirs = job_dirs(dom)
+                except OSError:
+                    continue
+                for job in dirs:
+                    try:
+                        st = read_status(job)
+                    except (OSError, ValueError):
+                        continue
+                    if st.state == RUNNING:
+                        jobs.append((job, st))
+        return jobs
+
+    def run(self) -> int:
+        watched: dict[Path, JobStatus] = {}
+        first = True
+        while True:
+            now = time.monotonic()
+            running = self.running()
+            lines: list[str] = []
+            current = {job for job, _ in running}
+            for job in [j for j in watched if j not in current]:
+                # Finished since the last round: one final line, then forget it.
+                began = self.started.pop(job)
+                try:
+                    st = read_status(job)
+                    final = f"{st.state}" + (f": {st.error}" if st.error else "")
+                except (OSError, ValueError):
+                    final = "removed"
+                lines.append(f"{self.label(job)}: {final} after {duration(time.time() - began)}")
+                del watched[job]
+            if lines:
+                self.draw(lines, final=True)
+            if not running:
+                if first:
+                    print("no backup job is running", file=self.out)
+                self.out.flush()
+                return 0
+            first = False
+            lines = []
+            for job, st in running:
+                watched[job] = st
+                if job not in self.started:
+                    self.started[job] = _began(job)
+                lines += self.progress_lines(job, st, now)
+            self.draw(lines)
+            time.sleep(self.interval)
+
+    def label(self, job: Path) -> str:
+        return f"{job.parent.parent.name} backup {job.name}"
+
+    def progress_lines(self, job: Path, st: JobStatus, now: float) -> list[str]:
+        lines = []
+        for d in st.disks:
+            rate = self.rates.setdefault((job, d.name), Rate()).add(now, d.done)
+            if rate:
+                left = (d.total - d.done) / rate if d.total > d.done else 0.0
+                speed = f"{human(rate)}/s  {duration(left)} left"
+            else:
+                speed = "--/s  --:-- left"
+            lines.append(f"{self.label(job)} ({st.mode}) {d.name} {bar(d.done, d.total)} "
+                         f"{percent(d.done, d.total)}  {human(d.done)}/{human(d.total)}  "
+                         f"{speed}")
+        return lines
+
+    def draw(self, lines: list[str], final: bool = False) -> None:
+        """On a terminal, replace the previous progress lines; final lines stay."""
+        if self.tty and self.drawn:
+            self.out.write(f"\x1b[{self.drawn}F\x1b[J")
+        self.out.write("".join(line + "\n" for line in lines))
+        self.out.flush()
+        self.drawn = 0 if final else len(lines)
+
+
+def _began(job: Path) -> float:
+    """When a job began: its directory's mtime (now, if it cannot be read)."""
+    try:
+        return os.stat(job).st_mtime
+    except OSError:
+        return time.time()
+
+
+# ---- vcfs wait --------------------------------------------------------------------------------
+
+
+def backup_dir(path: Path) -> Path:
+    """The job directory `path` names (following `latest`), or NotABackup."""
+    job = Path(os.path.realpath(path))
+    try:
+        if job.parent.name != "backups" or not job.is_dir():
+            raise NotABackup(f"{path}: not a backup job directory (MOUNT/DOMAIN/backups/ID)")
+        read_status(job)
+    except (OSError, ValueError):
+        raise NotABackup(f"{path}: not a backup job directory (no readable status)") from None
+    return job
+
+
+def wait(path: Path, *, interval: float = 0.2, err: TextIO | None = None) -> int:
+    """`vcfs wait BACKUP`: 0 completed, 1 failed/cancelled/gone, 2 not a backup."""
+    err = err or sys.stderr
+    try:
+        job = backup_dir(path)
+    except NotABackup as e:
+        print(f"vcfs: {e}", file=err)
+        return 2
+    name = f"backup {job.name} of {job.parent.parent.name}"
+    while True:
+        try:
+            st = read_status(job)
+        except FileNotFoundError:
+            print(f"vcfs: {name} was removed before it finished", file=err)
+            return 1
+        except (OSError, ValueError) as e:
+            print(f"vcfs: {name}: cannot read its status: {e}", file=err)
+            return 1
+        if st.state != RUNNING:
+            break
+        time.sleep(interval)
+    if st.state == COMPLETED:
+        return 0
+    print(f"vcfs: {name} {st.state}" + (f": {st.error}" if st.error else ""), file=err)
+    return 1
