@@ -280,7 +280,9 @@ class Watcher:
         """When each watched job began (wall clock)."""
         self.drawn = 0
 
-    def running(self) -> list[tuple[Path, JobStatus]]:
+    def running(self, watched: dict[Path, JobStatus]) -> list[tuple[Path, JobStatus]]:
+        """Every running job; a watched job whose status cannot be read just now (but whose
+        directory is still there) keeps its last status."""
         jobs = []
         for root in self.roots:
             try:
@@ -295,8 +297,12 @@ class Watcher:
                 for job in dirs:
                     try:
                         st = read_status(job)
-                    except (OSError, ValueError):
+                    except FileNotFoundError:
                         continue
+                    except (OSError, ValueError):
+                        if job not in watched:
+                            continue
+                        st = watched[job]
                     if st.state == RUNNING:
                         jobs.append((job, st))
         return jobs
@@ -306,7 +312,7 @@ class Watcher:
         first = True
         while True:
             now = time.monotonic()
-            running = self.running()
+            running = self.running(watched)
             lines: list[str] = []
             current = {job for job, _ in running}
             for job in [j for j in watched if j not in current]:

@@ -418,6 +418,7 @@ class BackupService:
             self._domain.invalidate()
             self._forget_record(job)
             raise
+        self._record(job, prepared, phase="started")
         if not pull:
             self._domain.spawn(self._watch_push, job)
             return
@@ -428,11 +429,17 @@ class BackupService:
             backing = f"{d.target}-{d.incremental}.qcow2" if d.incremental else None
             d.views = DiskViews(d.disk, source, self._domain.spawn, bool(d.incremental), backing)
 
-    def _record(self, job: BackupJob, prepared: PreparedCheckpoint | None) -> None:
-        """Write down, before QEMU is touched, everything a crash could leave behind."""
+    def _record(
+        self, job: BackupJob, prepared: PreparedCheckpoint | None, phase: str = "starting"
+    ) -> None:
+        """Write down, before QEMU is touched, everything a crash could leave behind.
+
+        `phase` is `starting` until the begin has fully succeeded, then `started`: only a
+        started push job may keep its target after a crash (if QEMU completed it).
+        """
         cp = prepared.definition if prepared else None
         self._store.put_intent(self._domain.name, f"backup-{job.id}", {
-            "op": "backup", "id": job.id, "mode": job.mode,
+            "op": "backup", "id": job.id, "mode": job.mode, "phase": phase,
             "checkpoint": cp.name if cp else None,
             "checkpoint_disks": [d.name for d in cp.bitmap_disks()] if cp else [],
             "socket": job.address.path if job.address and job.address.transport == "unix"
@@ -485,7 +492,7 @@ class BackupService:
                 disk = info.disk(d["target"])
                 if d["temp_bitmap"] and disk is not None and disk.bitmap(d["temp_bitmap"]):
                     await _quietly(qemu.transaction([RemoveBitmap(disk.node, d["temp_bitmap"])]))
-                if r["mode"] == PUSH and completed:
+                if r["mode"] == PUSH and completed and r["phase"] == "started":
                     kept.append(d["store"])
                 else:
                     await _unlink(d["store"])

@@ -1,0 +1,151 @@
+"""vcfs SIGKILLed at every named step of every operation: after a restart each operation has
+completed or left no trace, and QEMU carries no debris (issue 5's crash walk)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+
+import pytest
+
+from tests.integration.helpers import listing, wait_for, write_errno
+from vcfs.demo import DiskSpec
+
+CREATE_POINTS = {  # point -> does the checkpoint exist after recovery?
+    "checkpoint.create.transaction": False,
+    "checkpoint.create.commit": False,
+    "checkpoint.create.done": True,
+}
+DELETE_POINTS = {  # point -> is the checkpoint gone after recovery?
+    "checkpoint.delete.transaction": False,
+    "checkpoint.delete.metadata": True,
+    "checkpoint.delete.done": True,
+}
+BACKUP_POINTS = ["backup.create-store", "backup.add-store-node", "backup.nbd-server-start",
+                 "backup.transaction", "backup.export-add", "backup.commit"]
+
+
+def qcow2_vm(vm_factory):
+    return vm_factory("vm1", [DiskSpec("vda", size=32 << 20), DiskSpec("vdb", size=16 << 20)])
+
+
+def crash(mnt, point: str, action) -> None:
+    """Run `action` on a vcfs that kills itself at `point`, then start a clean vcfs."""
+    mnt.close()
+    mnt.env = {"VCFS_KILL": point}
+    mnt.start()
+    action()
+    wait_for(lambda: mnt.returncode is not None, what="vcfs to die")
+    assert mnt.returncode == -9, mnt.log_text()
+    subprocess.run(["fusermount3", "-uz", str(mnt.path)], capture_output=True)
+    mnt.env = {}
+    mnt.start()
+    assert "vm1" in listing(mnt.path)
+
+
+def debris(vm, mnt) -> dict:
+    """Everything a backup could leave in QEMU or on disk."""
+    nodes = sorted(n["node-name"] for n in vm.block_nodes())
+    server_free = True
+    try:
+        vm.qmp("nbd-server-start", addr={"type": "unix",
+                                         "data": {"path": str(vm.work_dir / "probe.sock")}})
+        vm.qmp("nbd-server-stop")
+    except Exception:  # noqa: BLE001 - a running NBD server refuses a second one
+        server_free = False
+    return {
+        "nodes": nodes,
+        "jobs": vm.qmp("query-jobs"),
+        "exports": vm.qmp("query-block-exports"),
+        "nbd server free": server_free,
+        "scratch": listing(mnt.state_dir / "scratch"),
+        "sockets": [n for n in listing(mnt.runtime_dir) if n.endswith(".sock")],
+        "intents": listing(mnt.state_dir / "domains/vm1/intents"),
+        "unnamed or temporary bitmaps": [
+            b for n in vm.block_nodes() for b in n.get("dirty-bitmaps", [])
+            if not b.get("name") or b["name"].startswith("backup-")
+        ],
+    }
+
+
+CLEAN = {"jobs": [], "exports": [], "nbd server free": True, "scratch": [], "sockets": [],
+         "intents": [], "unnamed or temporary bitmaps": []}
+
+
+@pytest.mark.parametrize("point", list(CREATE_POINTS))
+def test_checkpoint_create_killed(vm_factory, vcfs_mount, point):
+    vm = qcow2_vm(vm_factory)
+    mnt = vcfs_mount(vm.host_dir)
+    cps = mnt.path / "vm1/checkpoints"
+    os.mkdir(cps / "a")
+    crash(mnt, point, lambda: write_errno(cps / "new", b"<domaincheckpoint><name>c</name>"
+                                          b"</domaincheckpoint>"))
+    exists = CREATE_POINTS[point]
+    assert ("c" in listing(cps)) == exists
+    assert ("c" in vm.bitmaps("vda")) == exists and ("c" in vm.bitmaps("vdb")) == exists
+    assert os.readlink(cps / "current") == ("c" if exists else "a")
+    assert listing(mnt.state_dir / "domains/vm1/intents") == []
+    assert "RECOVER" in (mnt.path / "vm1/errors").read_text()
+
+
+@pytest.mark.parametrize("point", list(DELETE_POINTS))
+def test_checkpoint_delete_killed(vm_factory, vcfs_mount, point):
+    vm = qcow2_vm(vm_factory)
+    mnt = vcfs_mount(vm.host_dir)
+    cps = mnt.path / "vm1/checkpoints"
+    for n in "abc":
+        os.mkdir(cps / n)
+    crash(mnt, point, lambda: subprocess.run(["rmdir", str(cps / "b")], capture_output=True))
+    gone = DELETE_POINTS[point]
+    assert ("b" in listing(cps)) != gone
+    assert ("b" in vm.bitmaps("vda")) != gone
+    assert os.readlink(cps / "c/parent") == ("../a" if gone else "../b")
+    assert listing(mnt.state_dir / "domains/vm1/intents") == []
+
+
+@pytest.mark.parametrize(("point", "mode"), [
+    (point, mode) for point in BACKUP_POINTS for mode in ("pull", "push")
+    # push backups have no NBD server and no export
+    if mode == "pull" or point not in ("backup.nbd-server-start", "backup.export-add")
+])
+def test_backup_begin_killed_leaves_nothing(vm_factory, vcfs_mount, tmp_path, point, mode):
+    vm = qcow2_vm(vm_factory)
+    mnt = vcfs_mount(vm.host_dir)
+    dom = mnt.path / "vm1"
+    os.mkdir(dom / "checkpoints/base")
+    vm.write("vda", 0, 1 << 20, 0x11)
+    before_nodes = sorted(n["node-name"] for n in vm.block_nodes())
+    target = tmp_path / "push-vda.qcow2"
+    disks = f"<disks><disk name='vda'><target file='{target}'/></disk></disks>"
+    doc = (f"<domainbackup mode='{mode}'><incremental>base</incremental>"
+           + (disks if mode == "push" else "")
+           + "<domaincheckpoint><name>c2</name><disks><disk name='vda'/></disks>"
+           "</domaincheckpoint></domainbackup>")
+    crash(mnt, point, lambda: write_errno(dom / "backups/new", doc.encode()))
+    state = debris(vm, mnt)
+    assert state.pop("nodes") == before_nodes
+    assert state == CLEAN
+    assert listing(dom / "checkpoints") == ["base", "current", "new", "redefine"]
+    assert set(vm.bitmaps("vda")) == {"base"}
+    assert not target.exists()
+    # and the next backup works
+    assert write_errno(dom / "backups/new", doc.encode()) == 0
+
+
+def test_running_pull_backup_after_a_crash_is_cleaned_up(vm_factory, vcfs_mount):
+    vm = qcow2_vm(vm_factory)
+    mnt = vcfs_mount(vm.host_dir)
+    dom = mnt.path / "vm1"
+    before_nodes = sorted(n["node-name"] for n in vm.block_nodes())
+    os.mkdir(dom / "backups/b")
+    assert vm.qmp("query-jobs")
+    os.kill(mnt.proc.pid, 9)
+    wait_for(lambda: mnt.returncode is not None)
+    subprocess.run(["fusermount3", "-uz", str(mnt.path)], capture_output=True)
+    time.sleep(0.1)
+    mnt.start()
+    state = debris(vm, mnt)
+    assert state.pop("nodes") == before_nodes
+    assert state == CLEAN
+    assert listing(dom / "backups") == ["new"]
