@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from vcfs.adapters import xmlcodec
 from vcfs.adapters.codec import XmlCodec
@@ -78,6 +78,7 @@ class FakeStore:
         self.files: dict[str, bytes] = {}
         self.current: str | None = None
         self.fail_saves = False
+        self.pending: dict[str, dict[str, Any]] = {}
 
     def load(self, domain: str) -> tuple[list[CheckpointDef], str | None]:
         return [xmlcodec.parse_checkpoint(x, redefine=True) for x in self.files.values()], \
@@ -94,6 +95,15 @@ class FakeStore:
 
     def set_current(self, domain: str, name: str | None) -> None:
         self.current = name
+
+    def put_intent(self, domain: str, key: str, intent: dict[str, Any]) -> None:
+        self.pending[key] = intent
+
+    def intents(self, domain: str) -> dict[str, dict[str, Any]]:
+        return dict(self.pending)
+
+    def drop_intent(self, domain: str, key: str) -> None:
+        self.pending.pop(key, None)
 
 
 def environment(store: FakeStore | None = None) -> Environment:

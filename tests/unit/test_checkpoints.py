@@ -281,3 +281,32 @@ def test_current_after_restart_is_stored_or_unique_leaf():
     store.current = None
     dom.checkpoints.load()
     assert dom.checkpoints.current == "c"
+
+
+def test_recover_undoes_an_uncommitted_create_and_finishes_a_half_done_delete():
+    dom, qemu, store = make()
+    tree_abc(dom)
+    # a create that crashed after its transaction, before its metadata
+    qemu.set_bitmaps("vda", *qemu.disks["vda-format"].bitmaps, Bitmap("d"))
+    store.put_intent("vm1", "checkpoint-create-d", {
+        "op": "checkpoint-create", "name": "d", "disks": ["vda", "vdb"]})
+    # a delete of b that crashed after removing its bitmaps, before its metadata
+    for t in ("vda", "vdb"):
+        qemu.set_bitmaps(t, *(b for b in qemu.disks[f"{t}-format"].bitmaps if b.name != "b"))
+    store.put_intent("vm1", "checkpoint-delete-b", {
+        "op": "checkpoint-delete", "victims": ["b"], "metadata_only": False,
+        "bitmaps": [["vda", "b"], ["vdb", "b"]]})
+    done = run(dom.checkpoints.recover, run(dom.info, 0))
+    assert len(done) == 2 and store.pending == {}
+    assert qemu.bitmap_names("vda") == ["a", "c"]
+    assert dom.checkpoints.names() == ["a", "c"] and dom.checkpoints.get("c").parent == "a"
+
+
+def test_recover_leaves_an_untouched_delete_alone():
+    dom, qemu, store = make()
+    tree_abc(dom)
+    store.put_intent("vm1", "checkpoint-delete-b", {
+        "op": "checkpoint-delete", "victims": ["b"], "metadata_only": False,
+        "bitmaps": [["vda", "b"], ["vdb", "b"]]})
+    run(dom.checkpoints.recover, run(dom.info, 0))
+    assert dom.checkpoints.names() == ["a", "b", "c"] and store.pending == {}
