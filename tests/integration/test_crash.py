@@ -133,16 +133,45 @@ def test_backup_begin_killed_leaves_nothing(vm_factory, vcfs_mount, tmp_path, po
     assert write_errno(dom / "backups/new", doc.encode()) == 0
 
 
-def test_running_pull_backup_after_a_crash_is_cleaned_up(vm_factory, vcfs_mount):
+def test_running_pull_backup_survives_a_crash(vm_factory, vcfs_mount):
+    """A pull backup running when vcfs dies reappears after the restart and stays readable;
+    ending it then leaves nothing behind."""
+    vm = qcow2_vm(vm_factory)
+    mnt = vcfs_mount(vm.host_dir)
+    dom = mnt.path / "vm1"
+    before_nodes = sorted(n["node-name"] for n in vm.block_nodes())
+    vm.write("vda", 0, 1 << 20, 0x21)
+    os.mkdir(dom / "backups/b")
+    vm.write("vda", 0, 1 << 20, 0x22)  # after the backup began: must not show
+    xml = (dom / "backups/b/xml").read_text()
+    os.kill(mnt.proc.pid, 9)
+    wait_for(lambda: mnt.returncode is not None)
+    subprocess.run(["fusermount3", "-uz", str(mnt.path)], capture_output=True)
+    mnt.start()
+    assert listing(dom / "backups") == ["b", "latest", "new"]
+    assert (dom / "backups/b/xml").read_text() == xml
+    with open(dom / "backups/b/disks/vda", "rb") as f:
+        assert f.read(1 << 20) == b"\x21" * (1 << 20)
+    assert "adopted pull backup b" in (dom / "errors").read_text()
+    os.rmdir(dom / "backups/b")
+    state = debris(vm, mnt)
+    assert state.pop("nodes") == before_nodes
+    assert state == CLEAN
+
+
+def test_pull_backup_gone_from_qemu_after_a_crash_is_cleaned_up(vm_factory, vcfs_mount):
+    """If the backup's QEMU objects did not survive (here: its export was removed behind
+    vcfs's back while vcfs was dead), recovery removes the rest instead of adopting it."""
     vm = qcow2_vm(vm_factory)
     mnt = vcfs_mount(vm.host_dir)
     dom = mnt.path / "vm1"
     before_nodes = sorted(n["node-name"] for n in vm.block_nodes())
     os.mkdir(dom / "backups/b")
-    assert vm.qmp("query-jobs")
     os.kill(mnt.proc.pid, 9)
     wait_for(lambda: mnt.returncode is not None)
     subprocess.run(["fusermount3", "-uz", str(mnt.path)], capture_output=True)
+    for export in vm.qmp("query-block-exports"):
+        vm.qmp("block-export-del", id=export["id"], mode="hard")
     time.sleep(0.1)
     mnt.start()
     state = debris(vm, mnt)

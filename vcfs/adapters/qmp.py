@@ -305,6 +305,9 @@ class QmpQemu:
     async def export_del(self, export_id: str) -> None:
         await self.execute("block-export-del", {"id": export_id, "mode": "hard"})
 
+    async def export_ids(self) -> set[str]:
+        return {e["id"] for e in await self.execute("query-block-exports")}
+
     async def jobs(self) -> list[BlockJob]:
         return [
             BlockJob(j["id"], j["status"], j.get("current-progress", 0),

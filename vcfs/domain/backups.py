@@ -21,7 +21,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
@@ -45,6 +45,7 @@ from vcfs.domain.ports import (
     Action,
     AddBitmap,
     BlockdevBackup,
+    BlockJob,
     CheckpointStore,
     Export,
     MergeBitmaps,
@@ -419,15 +420,10 @@ class BackupService:
             self._forget_record(job)
             raise
         self._record(job, prepared, phase="started")
-        if not pull:
+        if pull:
+            self._open_views(job)
+        else:
             self._domain.spawn(self._watch_push, job)
-            return
-        for d in job.disks:
-            source = ExportSource(d.disk.size, _opener(self._open_export, job.address, d))
-            # Naming convention of incremental images: the base's image is saved next to it
-            # as <disk>-<checkpoint>.qcow2 (README, scripts/vcfs-backup).
-            backing = f"{d.target}-{d.incremental}.qcow2" if d.incremental else None
-            d.views = DiskViews(d.disk, source, self._domain.spawn, bool(d.incremental), backing)
 
     def _record(
         self, job: BackupJob, prepared: PreparedCheckpoint | None, phase: str = "starting"
@@ -444,9 +440,14 @@ class BackupService:
             "checkpoint_disks": [d.name for d in cp.bitmap_disks()] if cp else [],
             "socket": job.address.path if job.address and job.address.transport == "unix"
             else None,
+            "address": [job.address.transport, job.address.path, job.address.host,
+                        job.address.port] if job.address else None,
+            "definition": self._codec.format_backup(job.definition).decode(),
             "disks": [
                 {"target": d.target, "job": d.job_id, "store": d.store_path,
                  "nodes": [d.store_node, d.file_node], "export": d.export_id,
+                 "export_name": d.export_name, "export_bitmap": d.export_bitmap,
+                 "incremental": d.incremental, "driver": d.driver,
                  "temp_bitmap": d.temp_bitmap}
                 for d in job.disks
             ],
@@ -459,11 +460,13 @@ class BackupService:
             log.warning("domain %s: backup %s: %s", self._domain.name, job.id, e)
 
     async def recover(self, info: DomainInfo) -> list[tuple[str, str]]:
-        """Remove what backups interrupted by a crash left in QEMU and on disk.
+        """Adopt the backups a crashed vcfs left running; remove what the others left.
 
-        Running jobs are not adopted yet: a pull backup is ended, a push backup cancelled (its
-        target kept only if QEMU had completed it), a half-begun one undone with its
-        checkpoint's bitmaps unless the checkpoint was committed.
+        A job whose begin had completed and whose QEMU jobs (and, for pull, exports) are all
+        still there reappears in `backups/` as it was: a pull backup stays readable, a push
+        backup is watched to its end. Anything else is undone: exports, jobs, nodes, the NBD
+        server, scratch files, push targets (kept only if QEMU completed a begun job), and the
+        new checkpoint's bitmaps unless the checkpoint was committed.
         """
         done = []
         qemu = self._domain.qemu
@@ -472,6 +475,10 @@ class BackupService:
             if r.get("op") != "backup":
                 continue
             jobs = {j.id: j for j in await qemu.jobs()}
+            if r["phase"] == "started" and await self._adopt(r, jobs, info):
+                done.append((f"backups/{r['id']}",
+                             f"adopted {r['mode']} backup {r['id']} left running by a crash"))
+                continue
             exports = {d["export"] for d in r["disks"] if d["export"]}
             for export_id in exports:
                 await _quietly(qemu.export_del(export_id))
@@ -511,6 +518,47 @@ class BackupService:
             done.append((f"backups/{r['id']}",
                          f"cleaned up {r['mode']} backup {r['id']} interrupted by a crash{note}"))
         return done
+
+    async def _adopt(self, r: dict[str, Any], jobs: dict[str, BlockJob], info: DomainInfo) -> bool:
+        """Rebuild a running job from its record, if QEMU still holds every piece of it."""
+        exports = await self._domain.qemu.export_ids()
+        disks = []
+        for d in r["disks"]:
+            disk = info.disk(d["target"])
+            if disk is None or d["job"] not in jobs:
+                return False
+            if r["mode"] == PULL and (d["export"] not in exports
+                                      or jobs[d["job"]].status == "concluded"):
+                return False
+            store_node, file_node = d["nodes"]
+            disks.append(DiskJob(
+                target=d["target"], disk=disk, job_id=d["job"], store_path=d["store"],
+                store_node=store_node, file_node=file_node, driver=d["driver"],
+                incremental=d["incremental"], export_id=d["export"],
+                export_name=d["export_name"], export_bitmap=d["export_bitmap"],
+                temp_bitmap=d["temp_bitmap"], created_store=True,
+            ))
+        transport, path, host, port = r["address"] or (None, None, None, None)
+        address = NbdAddress(transport, path, host, port) if transport else None
+        definition = self._codec.parse_backup(r["definition"].encode())
+        job = BackupJob(r["id"], r["mode"], definition, disks, address, r["checkpoint"])
+        self._jobs[job.id] = job
+        self.latest = job.id
+        if job.id.isdigit():
+            self._next_id = max(self._next_id, int(job.id) + 1)
+        if job.mode == PUSH:
+            self._domain.spawn(self._watch_push, job)
+        else:
+            self._open_views(job)
+        return True
+
+    def _open_views(self, job: BackupJob) -> None:
+        for d in job.disks:
+            source = ExportSource(d.disk.size, _opener(self._open_export, job.address, d))
+            # Naming convention of incremental images: the base's image is saved next to it
+            # as <disk>-<checkpoint>.qcow2 (README, scripts/vcfs-backup).
+            backing = f"{d.target}-{d.incremental}.qcow2" if d.incremental else None
+            d.views = DiskViews(d.disk, source, self._domain.spawn, bool(d.incremental), backing)
 
     async def _start_server(self, job: BackupJob, undo: Undo) -> None:
         assert job.address
