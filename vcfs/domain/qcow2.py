@@ -80,7 +80,7 @@ def plan(
     lay = Layout(size, cs, sorted(data), sorted(zero), backing)
     lay.l1_entries = _ceil(_ceil(size, cs), entries_per_l2)
     lay.l2_tables = sorted({c // entries_per_l2 for c in (*lay.data, *lay.zero)})
-    l1_clusters = max(1, _ceil(lay.l1_entries * 8, cs))
+    l1_clusters = _ceil(lay.l1_entries * 8, cs)  # none for an empty disk, as qemu-img does
     fixed = 1 + l1_clusters + len(lay.l2_tables) + len(lay.data)
     rb, rt = 1, 1
     while True:  # refcount structures count themselves: iterate to a fixed point
@@ -198,9 +198,11 @@ async def read(lay: Layout, offset: int, length: int, read_guest: ReadGuest) -> 
         run_end = min(end, lay.data_offset + k_end * cs)
         guest = lay.data[k] * cs + (pos - lay.data_offset - k * cs)
         # The last cluster may pass the end of the disk: read what exists, pad with zeros.
-        parts.append(len(ranges))
-        ranges.append((guest, min(run_end - pos, max(0, lay.size - guest))))
-        parts.append(b"\0" * (run_end - pos - ranges[-1][1]))
+        exists = min(run_end - pos, max(0, lay.size - guest))
+        if exists:
+            parts.append(len(ranges))
+            ranges.append((guest, exists))
+        parts.append(b"\0" * (run_end - pos - exists))
         pos = run_end
     pieces = await read_guest(ranges) if ranges else []
     return b"".join(pieces[p] if isinstance(p, int) else p for p in parts)
