@@ -37,6 +37,7 @@ class Config:
     runtime_dir: Path
     fuse_options: list[str] = field(default_factory=list)
     cache_images: bool = False
+    tls_dir: Path | None = None
 
 
 async def serve(config: Config, ready: Callable[[], None] = lambda: None) -> None:
@@ -56,7 +57,7 @@ async def serve(config: Config, ready: Callable[[], None] = lambda: None) -> Non
     async def connect(path: Path) -> QmpQemu:
         return await QmpQemu.connect(bridge, path)
 
-    env = Environment(store, codec, config.runtime_dir, scratch_dir, NbdExport)
+    env = Environment(store, codec, config.runtime_dir, scratch_dir, NbdExport, config.tls_dir)
     host = Host(config.host_dir, connect, env)
     mount = FuseMount(
         Tree(host, codec), config.mountpoint, config.fuse_options, config.cache_images

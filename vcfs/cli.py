@@ -38,7 +38,7 @@ MOUNT_ONLY_OPTIONS = frozenset({
 """Options mount(8) and fstab pass along that mean nothing to a FUSE filesystem."""
 MOUNT_ONLY_PREFIXES = ("x-", "X-", "comment=")
 VALUE_OPTIONS = {"state_dir": "--state-dir", "runtime_dir": "--runtime-dir",
-                 "log_file": "--log-file"}
+                 "log_file": "--log-file", "tls_x509_dir": "--tls-x509-dir"}
 FLAG_OPTIONS = {"cache_images": "--cache-images", "debug": "--debug"}
 
 TIMESTAMPED = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -87,6 +87,10 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--runtime-dir", type=Path, default=runtime, metavar="DIR",
                    help="NBD sockets, mode 0700 (default /run/vcfs for root, else "
                    "$XDG_RUNTIME_DIR/vcfs)")
+    m.add_argument("--tls-x509-dir", type=Path, metavar="DIR",
+                   help="x509 credentials for backups with <server tls='yes'>: ca-cert.pem, "
+                   "server-cert.pem and server-key.pem for QEMU's NBD server, client-cert.pem "
+                   "and client-key.pem for vcfs's own connection")
     m.add_argument("--cache-images", action="store_true",
                    help="let the kernel page cache keep backup images (default: direct I/O, "
                    "faster for images read once)")
@@ -265,6 +269,7 @@ def mount_config(args: argparse.Namespace) -> Config:
         runtime_dir=args.runtime_dir.resolve(),
         fuse_options=options,
         cache_images=args.cache_images,
+        tls_dir=args.tls_x509_dir.resolve() if args.tls_x509_dir else None,
     )
 
 

@@ -215,7 +215,8 @@ def domain_lines(dom: Path) -> list[str]:
 
 def status(mountpoint: Path | None, *, watch: bool = False, interval: float = 1.0,
            out: TextIO | None = None, err: TextIO | None = None) -> int:
-    """`vcfs status [MOUNTPOINT] [--watch]`."""
+    """`vcfs status [MOUNTPOINT] [--watch]`: 0, or 1 if a mount could not be read (the others
+    are still listed)."""
     out = out or sys.stdout
     err = err or sys.stderr
     if mountpoint is None:
@@ -225,25 +226,29 @@ def status(mountpoint: Path | None, *, watch: bool = False, interval: float = 1.
             return 1
     else:
         roots = [mountpoint]
-    try:
-        doms = {root: domain_dirs(root) for root in roots}
-    except OSError as e:
-        print(f"vcfs: {e.filename or mountpoint}: {e.strerror or e}", file=err)
-        return 1
-    if mountpoint is not None and not doms[mountpoint] and not _looks_like_vcfs(mountpoint):
-        print(f"vcfs: {mountpoint}: not a vcfs mount or domain directory", file=err)
-        return 1
+    code = 0
+    readable = []
     for root in roots:
+        try:
+            doms = domain_dirs(root)
+        except OSError as e:  # e.g. a dead mount: "Transport endpoint is not connected"
+            print(f"vcfs: {root}: {e.strerror or e}", file=err)
+            code = 1
+            continue
+        if mountpoint is not None and not doms and not _looks_like_vcfs(root):
+            print(f"vcfs: {root}: not a vcfs mount or domain directory", file=err)
+            return 1
         if mountpoint is None:
             print(f"{root}:", file=out)
-        if not doms[root]:
+        if not doms:
             print("no domains", file=out)
-        for dom in doms[root]:
+        for dom in doms:
             print("\n".join(domain_lines(dom)), file=out)
+        readable.append(root)
     out.flush()
-    if watch:
-        return Watcher(roots, out, interval).run()
-    return 0
+    if watch and readable:
+        return max(code, Watcher(readable, out, interval).run())
+    return code
 
 
 def _looks_like_vcfs(path: Path) -> bool:

@@ -63,11 +63,17 @@ class NbdExport:
     """A read-only NBD export with a pool of `connections` libnbd handles."""
 
     def __init__(
-        self, address: NbdAddress, name: str, bitmap: str | None, connections: int = 4
+        self,
+        address: NbdAddress,
+        name: str,
+        bitmap: str | None,
+        tls_dir: str | None = None,
+        connections: int = 4,
     ) -> None:
         self.address = address
         self.name = name
         self.bitmap = bitmap
+        self.tls_dir = tls_dir
         self._pool: queue.SimpleQueue[nbd.NBD] = queue.SimpleQueue()
         self._all: list[nbd.NBD] = []
         self._lock = threading.Lock()
@@ -85,6 +91,10 @@ class NbdExport:
         if self.bitmap:
             h.add_meta_context(f"qemu:dirty-bitmap:{self.bitmap}")
         h.set_export_name(self.name)
+        if self.tls_dir:
+            # vcfs authenticates with client-cert.pem/client-key.pem from the same directory.
+            h.set_tls(nbd.TLS_REQUIRE)
+            h.set_tls_certificates(self.tls_dir)
         try:
             if self.address.transport == "unix":
                 h.connect_unix(self.address.path)

@@ -284,12 +284,25 @@ class QmpQemu:
     async def delete_node(self, node: str) -> None:
         await self.execute("blockdev-del", {"node-name": node})
 
-    async def nbd_server_start(self, address: NbdAddress) -> None:
+    async def nbd_server_start(self, address: NbdAddress, tls_creds: str | None = None) -> None:
         if address.transport == "unix":
             addr: dict[str, Any] = {"type": "unix", "data": {"path": address.path}}
         else:
             addr = {"type": "inet", "data": {"host": address.host, "port": str(address.port)}}
-        await self.execute("nbd-server-start", {"addr": addr})
+        args: dict[str, Any] = {"addr": addr}
+        if tls_creds:
+            args["tls-creds"] = tls_creds
+        await self.execute("nbd-server-start", args)
+
+    async def tls_creds_add(self, object_id: str, directory: str) -> None:
+        # verify-peer: only clients holding a certificate signed by the CA may read backups.
+        await self.execute("object-add", {
+            "qom-type": "tls-creds-x509", "id": object_id, "dir": directory,
+            "endpoint": "server", "verify-peer": True,
+        })
+
+    async def object_del(self, object_id: str) -> None:
+        await self.execute("object-del", {"id": object_id})
 
     async def nbd_server_stop(self) -> None:
         await self.execute("nbd-server-stop")

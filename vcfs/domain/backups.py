@@ -83,7 +83,8 @@ class BackupCodec(Protocol):
     def format_backup(self, backup: BackupDef, *, internal: bool = False) -> bytes: ...
 
 
-ExportOpener = Callable[[NbdAddress, str, str | None], Export]
+ExportOpener = Callable[[NbdAddress, str, str | None, str | None], Export]
+"""(address, export name, dirty bitmap or None, TLS directory or None) -> Export"""
 
 
 @dataclass
@@ -121,6 +122,8 @@ class BackupJob:
     disks: list[DiskJob]
     address: NbdAddress | None = None
     checkpoint: str | None = None
+    tls_object: str | None = None
+    """The QEMU object holding the NBD server's x509 credentials, when TLS is on."""
     state: str = RUNNING
     error: str | None = None
     started: float = field(default_factory=time.time)
@@ -171,8 +174,10 @@ class BackupService:
         runtime_dir: Path,
         scratch_dir: Path,
         open_export: ExportOpener,
+        tls_dir: Path | None = None,
     ) -> None:
         self._domain = domain
+        self._tls_dir = tls_dir
         self._store = store
         self._codec = codec
         self._runtime_dir = runtime_dir
@@ -291,6 +296,8 @@ class BackupService:
         definition = aligned.with_(disks=tuple(disks_out), server=server, checkpoint=None)
         job = BackupJob(job_id, aligned.mode, definition, jobs, address,
                         prepared.definition.name if prepared else None)
+        if server is not None and server.tls == "yes":
+            job.tls_object = f"vcfs{self._serial}-tls"
         started = time.monotonic()
         await self._start(job, prepared)
         self._jobs[job_id] = job
@@ -370,8 +377,8 @@ class BackupService:
         if server is None:
             path = self._runtime_dir / f"{self._domain.name}-backup-{job_id}.sock"
             server = BackupServer(transport="unix", socket=str(path))
-        if server.tls == "yes":
-            raise NotSupported("TLS for the backup NBD server is not supported yet")
+        if server.tls == "yes" and self._tls_dir is None:
+            raise NotSupported("backup TLS directory not configured (mount with --tls-x509-dir)")
         if server.transport == "unix":
             assert server.socket
             return server, NbdAddress("unix", path=server.socket)
@@ -443,6 +450,7 @@ class BackupService:
             "address": [job.address.transport, job.address.path, job.address.host,
                         job.address.port] if job.address else None,
             "definition": self._codec.format_backup(job.definition).decode(),
+            "tls_object": job.tls_object,
             "disks": [
                 {"target": d.target, "job": d.job_id, "store": d.store_path,
                  "nodes": [d.store_node, d.file_node], "export": d.export_id,
@@ -507,6 +515,8 @@ class BackupService:
                 await _quietly(qemu.nbd_server_stop())
                 if r["socket"]:
                     await _unlink(r["socket"])
+                if r.get("tls_object"):
+                    await _quietly(qemu.object_del(r["tls_object"]))
             name = r["checkpoint"]
             if name and self._domain.checkpoints.get(name) is None:
                 stray = [RemoveBitmap(disk.node, name) for t in r["checkpoint_disks"]
@@ -541,7 +551,8 @@ class BackupService:
         transport, path, host, port = r["address"] or (None, None, None, None)
         address = NbdAddress(transport, path, host, port) if transport else None
         definition = self._codec.parse_backup(r["definition"].encode())
-        job = BackupJob(r["id"], r["mode"], definition, disks, address, r["checkpoint"])
+        job = BackupJob(r["id"], r["mode"], definition, disks, address, r["checkpoint"],
+                        r.get("tls_object"))
         self._jobs[job.id] = job
         self.latest = job.id
         if job.id.isdigit():
@@ -553,8 +564,11 @@ class BackupService:
         return True
 
     def _open_views(self, job: BackupJob) -> None:
+        tls_dir = str(self._tls_dir) if job.tls_object and self._tls_dir else None
         for d in job.disks:
-            source = ExportSource(d.disk.size, _opener(self._open_export, job.address, d))
+            source = ExportSource(
+                d.disk.size, _opener(self._open_export, job.address, d, tls_dir)
+            )
             # Naming convention of incremental images: the base's image is saved next to it
             # as <disk>-<checkpoint>.qcow2 (README, scripts/vcfs-backup).
             backing = f"{d.target}-{d.incremental}.qcow2" if d.incremental else None
@@ -562,8 +576,13 @@ class BackupService:
 
     async def _start_server(self, job: BackupJob, undo: Undo) -> None:
         assert job.address
+        qemu = self._domain.qemu
+        if job.tls_object:
+            assert self._tls_dir
+            await self._call(qemu.tls_creds_add(job.tls_object, str(self._tls_dir)))
+            undo.push("TLS credentials", _bind(qemu.object_del, job.tls_object))
         fault_point("backup.nbd-server-start")
-        await self._call(self._domain.qemu.nbd_server_start(job.address))
+        await self._call(qemu.nbd_server_start(job.address, job.tls_object))
         undo.push("nbd-server-stop", lambda: self._stop_server(job))
         if job.address.transport == "unix" and job.address.path:
             # QEMU creates the socket with its own umask: only the owner may read backups.
@@ -780,6 +799,8 @@ class BackupService:
             undo.push(f"store file {d.store_path}", _bind(_unlink, d.store_path))
             undo.push(f"node {d.file_node}", _bind(qemu.delete_node, d.file_node))
             undo.push(f"node {d.store_node}", _bind(qemu.delete_node, d.store_node))
+        if job.tls_object:
+            undo.push("TLS credentials", _bind(qemu.object_del, job.tls_object))
         undo.push("nbd-server-stop", lambda: self._stop_server(job))
         undo.push("block jobs", lambda: self._cancel_jobs(job))
         for d in job.disks:
@@ -850,9 +871,9 @@ async def _unlink(path: str) -> None:
         pass
 
 
-def _opener(open_export: ExportOpener, address: NbdAddress | None, d: DiskJob) -> Callable[
-    [], Export
-]:
+def _opener(
+    open_export: ExportOpener, address: NbdAddress | None, d: DiskJob, tls_dir: str | None
+) -> Callable[[], Export]:
     assert address and d.export_name
     name, bitmap = d.export_name, d.export_bitmap
-    return lambda: open_export(address, name, bitmap)
+    return lambda: open_export(address, name, bitmap, tls_dir)

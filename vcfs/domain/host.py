@@ -46,6 +46,8 @@ class Environment:
     runtime_dir: Path
     scratch_dir: Path
     open_export: ExportOpener
+    tls_dir: Path | None = None
+    """x509 credentials for backup NBD servers with `tls='yes'`."""
 
 
 class Domain:
@@ -62,7 +64,8 @@ class Domain:
         self.lock = trio.Lock()
         self.checkpoints = CheckpointService(self, env.store, env.codec)
         self.backups = BackupService(
-            self, env.store, env.codec, env.runtime_dir, env.scratch_dir, env.open_export
+            self, env.store, env.codec, env.runtime_dir, env.scratch_dir, env.open_export,
+            env.tls_dir,
         )
         self.created = time.time()
         self.socket_ino = 0
