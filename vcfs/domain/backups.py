@@ -106,6 +106,8 @@ class DiskJob:
     """Push incremental: the merged bitmap on the disk's own node, removed at the end."""
     created_store: bool = False
     state: str = RUNNING
+    outcome: tuple[str, str | None] | None = None
+    """How QEMU ended the job, noted before it is dismissed."""
     done: int = 0
     total: int = 0
     error: str | None = None
@@ -692,7 +694,9 @@ class BackupService:
                     continue
                 j = jobs.get(d.job_id)
                 if j is None:
-                    state, error = FAILED, "the block job vanished"
+                    # Dismissed by an earlier poll that failed before it could finish: its
+                    # outcome was noted first.
+                    state, error = d.outcome or (FAILED, "the block job vanished")
                 else:
                     d.done, d.total = j.current, j.total
                     if j.status != "concluded":
@@ -703,6 +707,7 @@ class BackupService:
                         state, error = CANCELLED, None
                     else:
                         state, error = FAILED, j.error
+                    d.outcome = (state, error)
                     await qemu.job_dismiss(d.job_id)
                 await self._release_push_disk(d)
                 d.state, d.error = state, error
