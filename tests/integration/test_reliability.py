@@ -175,3 +175,43 @@ def test_full_state_directory_is_enospc_and_changes_nothing(vm_factory, vcfs_mou
     assert vm.qmp("query-jobs") == [] and listing(mnt.path / "vm1/backups") == ["new"]
     filler.unlink()
     os.mkdir(cps / "b")
+
+
+def test_a_stalled_qemu_stalls_only_its_own_domain(vm_factory, vcfs_mount):
+    """Every QMP call has a deadline: a frozen QEMU costs its own requests an EIO after the
+    deadline, while the other domains keep answering at once."""
+    import signal
+    import threading
+    import time
+
+    vm1 = qcow2_vm(vm_factory)
+    vm2 = vm_factory("vm2", [DiskSpec("vda", size=16 << 20)])
+    mnt = vcfs_mount(vm1.host_dir)
+    assert listing(mnt.path) == ["vm1", "vm2"]
+    os.kill(vm2.pid, signal.SIGSTOP)
+    try:
+        outcome: dict[str, object] = {}
+
+        def stalled_read() -> None:
+            started = time.monotonic()
+            try:
+                (mnt.path / "vm2/xml").read_text()
+                outcome["error"] = None
+            except OSError as e:
+                outcome["error"] = e.errno
+            outcome["seconds"] = time.monotonic() - started
+
+        time.sleep(1.0)  # past the half-second vcfs may reuse the domain's info
+        t = threading.Thread(target=stalled_read)
+        t.start()
+        time.sleep(0.5)
+        started = time.monotonic()
+        os.mkdir(mnt.path / "vm1/checkpoints/during")
+        assert "vm1" in listing(mnt.path)
+        assert time.monotonic() - started < 2.0
+        t.join(30)
+        assert not t.is_alive()
+        assert outcome["error"] == errno.EIO and outcome["seconds"] < 15, outcome
+    finally:
+        os.kill(vm2.pid, signal.SIGCONT)
+    assert "<name>vm2</name>" in (mnt.path / "vm2/xml").read_text()
