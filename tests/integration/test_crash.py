@@ -30,11 +30,14 @@ def qcow2_vm(vm_factory):
     return vm_factory("vm1", [DiskSpec("vda", size=32 << 20), DiskSpec("vdb", size=16 << 20)])
 
 
-def crash(mnt, point: str, action) -> None:
-    """Run `action` on a vcfs that kills itself at `point`, then start a clean vcfs."""
+def crash(mnt, point: str, action, setup=None) -> None:
+    """Run `action` (after `setup`) on a vcfs that kills itself at `point`, then start a
+    clean vcfs."""
     mnt.close()
     mnt.env = {"VCFS_KILL": point}
     mnt.start()
+    if setup:
+        setup()
     action()
     wait_for(lambda: mnt.returncode is not None, what="vcfs to die")
     assert mnt.returncode == -9, mnt.log_text()
@@ -174,6 +177,41 @@ def test_pull_backup_gone_from_qemu_after_a_crash_is_cleaned_up(vm_factory, vcfs
         vm.qmp("block-export-del", id=export["id"], mode="hard")
     time.sleep(0.1)
     mnt.start()
+    state = debris(vm, mnt)
+    assert state.pop("nodes") == before_nodes
+    assert state == CLEAN
+    assert listing(dom / "backups") == ["new"]
+
+
+@pytest.mark.parametrize("point", ["checkpoint.delete.transaction", "checkpoint.delete.metadata"])
+def test_children_only_delete_killed(vm_factory, vcfs_mount, point):
+    vm = qcow2_vm(vm_factory)
+    mnt = vcfs_mount(vm.host_dir)
+    cps = mnt.path / "vm1/checkpoints"
+    for n in "abc":
+        os.mkdir(cps / n)
+    crash(mnt, point, lambda: write_errno(cps / "a/delete", b"children-only\n"))
+    done = point.endswith("metadata")
+    assert listing(cps) == (["a", "current", "new", "redefine"] if done
+                            else ["a", "b", "c", "current", "new", "redefine"])
+    assert sorted(vm.bitmaps("vda")) == (["a"] if done else ["a", "b", "c"])
+    assert os.readlink(cps / "current") == ("a" if done else "c")
+
+
+@pytest.mark.parametrize("point", ["backup.end.start", "backup.end.done"])
+def test_backup_end_killed(vm_factory, vcfs_mount, point):
+    vm = qcow2_vm(vm_factory)
+    mnt = vcfs_mount(vm.host_dir)
+    dom = mnt.path / "vm1"
+    before_nodes = sorted(n["node-name"] for n in vm.block_nodes())
+    vm.write("vda", 0, 1 << 20, 0x31)
+    crash(mnt, point, lambda: subprocess.run(["rmdir", str(dom / "backups/b")],
+                                             capture_output=True),
+          setup=lambda: os.mkdir(dom / "backups/b"))
+    if point.endswith("start"):  # the rmdir never happened: the backup is still there
+        with open(dom / "backups/b/disks/vda", "rb") as f:
+            assert f.read(4) == b"\x31" * 4
+        os.rmdir(dom / "backups/b")
     state = debris(vm, mnt)
     assert state.pop("nodes") == before_nodes
     assert state == CLEAN

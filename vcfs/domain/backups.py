@@ -811,11 +811,13 @@ class BackupService:
         for d in job.disks:
             if d.export_id:
                 undo.push(f"export {d.export_id}", _bind(qemu.export_del, d.export_id))
+        fault_point("backup.end.start")
         if qemu.closed:
             # Nothing left in QEMU to release: only our own files.
             await self._unlink_scratch(job)
         else:
             await undo.run()
+        fault_point("backup.end.done")
         self._domain.invalidate()
         if job.state == RUNNING:
             job.state = COMPLETED  # libvirt: an aborted pull backup counts as completed
