@@ -216,3 +216,21 @@ def test_backup_end_killed(vm_factory, vcfs_mount, point):
     assert state.pop("nodes") == before_nodes
     assert state == CLEAN
     assert listing(dom / "backups") == ["new"]
+
+
+@pytest.mark.parametrize("point", ["checkpoint.redefine.metadata", "checkpoint.redefine.current"])
+def test_redefine_killed(vm_factory, vcfs_mount, point):
+    vm = qcow2_vm(vm_factory)
+    mnt = vcfs_mount(vm.host_dir)
+    cps = mnt.path / "vm1/checkpoints"
+    os.mkdir(cps / "a")
+    saved = (cps / "a/xml").read_bytes()
+    assert write_errno(cps / "a/delete", b"metadata-only\n") == 0
+    crash(mnt, point, lambda: write_errno(cps / "redefine", saved))
+    if point.endswith("metadata"):  # killed before writing anything: no trace
+        assert listing(cps) == ["new", "redefine"]
+    else:  # the metadata was written: the redefine is completed, current included
+        assert listing(cps) == ["a", "current", "new", "redefine"]
+        assert os.readlink(cps / "current") == "a"
+        assert (cps / "a/xml").read_bytes() == saved
+    assert listing(mnt.state_dir / "domains/vm1/intents") == []

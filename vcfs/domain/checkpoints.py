@@ -168,7 +168,8 @@ class CheckpointService:
         """Finish or undo the checkpoint operations a crash interrupted; say what was done.
 
         Create: metadata written means it completed (only `current` may lag); otherwise its
-        bitmaps, if the transaction ran, are removed. Delete: the bitmaps went in one
+        bitmaps, if the transaction ran, are removed. Redefine: one metadata write; only
+        `current` may lag behind it. Delete: the bitmaps went in one
         transaction, so either they are all still there (nothing happened) or the metadata
         part is finished now.
         """
@@ -191,6 +192,13 @@ class CheckpointService:
                     await self._domain.qemu.transaction(stray)
                     done.append((f"checkpoints/{name}",
                                  f"undid interrupted create of {name} ({len(stray)} bitmaps)"))
+            elif op == "checkpoint-redefine":
+                name = intent["name"]
+                if name in self._checkpoints and intent["current"]:
+                    self.current = name
+                    self._store.set_current(dom, name)
+                    done.append((f"checkpoints/{name}",
+                                 f"completed interrupted redefine of {name}"))
             elif op == "checkpoint-delete":
                 victims = [v for v in intent["victims"] if v in self._checkpoints]
                 still_there = not intent["metadata_only"] and any(
@@ -375,13 +383,21 @@ class CheckpointService:
             ]
             if problems:
                 raise InvalidInput("; ".join(problems))
-            self._store.save(self._domain.name, cp)
             # libvirt's rule: the first redefined checkpoint, or a child of the current one,
             # becomes current.
             becomes_current = self.current is None or cp.parent == self.current
-            if becomes_current:
-                self._store.set_current(self._domain.name, name)
-                self.current = name
+            key = f"checkpoint-redefine-{name}"
+            self._store.put_intent(self._domain.name, key, {
+                "op": "checkpoint-redefine", "name": name, "current": becomes_current})
+            try:
+                fault_point("checkpoint.redefine.metadata")
+                self._store.save(self._domain.name, cp)
+                fault_point("checkpoint.redefine.current")
+                if becomes_current:
+                    self._store.set_current(self._domain.name, name)
+                    self.current = name
+            finally:
+                self._store.drop_intent(self._domain.name, key)
             self._checkpoints[name] = Checkpoint(cp)
         log.info("domain %s: redefined checkpoint %s", self._domain.name, name)
         return name
