@@ -291,6 +291,11 @@ def test_unclean_qemu_death_marks_checkpoints_broken(vm, mnt):
     assert (cps / "stored/size").read_text() == ""
     log = (mnt.path / "vm1/errors").read_text()
     assert "checkpoint 'stored' is broken" in log and "checkpoint 'fresh' is broken" in log
+    # An incremental backup from a broken checkpoint is refused, never turned into a full one.
+    doc = b"<domainbackup mode='pull'><incremental>stored</incremental></domainbackup>"
+    assert write_errno(mnt.path / "vm1/backups/new", doc) == errno.EINVAL
+    assert "take a full backup" in errors_of(mnt.path / "vm1")[-1]
+    assert listing(mnt.path / "vm1/backups") == ["new"]
 
 
 def test_domains_appear_and_vanish(vm_factory, vcfs_mount):

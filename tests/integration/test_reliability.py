@@ -215,3 +215,19 @@ def test_a_stalled_qemu_stalls_only_its_own_domain(vm_factory, vcfs_mount):
     finally:
         os.kill(vm2.pid, signal.SIGCONT)
     assert "<name>vm2</name>" in (mnt.path / "vm2/xml").read_text()
+
+
+def test_tcp_nbd_server_binds_only_where_the_server_name_says(vm_factory, vcfs_mount):
+    import re
+
+    vm = qcow2_vm(vm_factory)
+    mnt = vcfs_mount(vm.host_dir)
+    dom = mnt.path / "vm1"
+    doc = b"<domainbackup mode='pull'><server transport='tcp' name='127.0.0.1'/></domainbackup>"
+    assert write_errno(dom / "backups/new", doc) == 0
+    port = re.search(r"port='(\d+)'", (dom / "backups/1/xml").read_text())[1]
+    listening = subprocess.run(["ss", "-ltnH"], capture_output=True, text=True).stdout
+    local = [line.split()[3] for line in listening.splitlines() if line.split()[3].endswith(
+        f":{port}")]
+    assert local == [f"127.0.0.1:{port}"]
+    os.rmdir(dom / "backups/1")
