@@ -21,7 +21,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -47,6 +47,7 @@ from vcfs.domain.ports import (
     BlockdevBackup,
     BlockJob,
     CheckpointStore,
+    Codec,
     Export,
     MergeBitmaps,
     NbdAddress,
@@ -73,14 +74,6 @@ log = logging.getLogger(__name__)
 RUNNING, COMPLETED, FAILED, CANCELLED = "running", "completed", "failed", "cancelled"
 WATCH_INTERVAL = 0.1
 CANCEL_TIMEOUT = 10.0
-
-
-class BackupCodec(Protocol):
-    """What the backup service needs of the XML codec."""
-
-    def parse_backup(self, data: bytes, *, internal: bool = False) -> BackupDef: ...
-
-    def format_backup(self, backup: BackupDef, *, internal: bool = False) -> bytes: ...
 
 
 ExportOpener = Callable[[NbdAddress, str, str | None, str | None], Export]
@@ -172,7 +165,7 @@ class BackupService:
         self,
         domain: Domain,
         store: CheckpointStore,
-        codec: BackupCodec,
+        codec: Codec,
         runtime_dir: Path,
         scratch_dir: Path,
         open_export: ExportOpener,
