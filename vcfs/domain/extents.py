@@ -14,7 +14,9 @@ from dataclasses import dataclass
 
 import trio
 
-WINDOW = 1 << 30
+WINDOW = 128 << 20
+"""Small enough that the first lookup of a fragmented image answers quickly, large enough that
+sequential readers ask for few windows."""
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,115 @@
+"""The data path without NBD or FUSE: extent maps fetched in windows, the block reader."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytest
+import trio
+
+from vcfs.domain.extents import Extent, ExtentMap, merge_adjacent
+from vcfs.domain.reader import BLOCK, BlockReader, ExportSource
+from vcfs.errors import BackendError
+
+MiB = 1 << 20
+
+
+class FakeExport:
+    """An export over bytes, describing extents in pieces of at most `piece` bytes."""
+
+    def __init__(self, data: bytes, piece: int = 3 * MiB) -> None:
+        self.data = data
+        self.size = len(data)
+        self.piece = piece
+        self.reads: list[tuple[int, int]] = []
+        self.status_calls: list[tuple[int, int]] = []
+        self.closed = False
+
+    def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+        if self.closed:
+            raise BackendError("closed")
+        self.reads.extend(ranges)
+        return [self.data[o : o + n] for o, n in ranges]
+
+    def block_status(self, offset: int, length: int) -> list[Extent]:
+        self.status_calls.append((offset, length))
+        end = min(offset + length, offset + self.piece, self.size)
+        out, pos = [], offset
+        while pos < end:  # runs of zero / non-zero 64 KiB units
+            zero = not any(self.data[pos : pos + 65536])
+            nxt = min(end, (pos // 65536 + 1) * 65536)
+            out.append(Extent(pos, nxt - pos, zero, not zero))
+            pos = nxt
+        return merge_adjacent(out)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def image(size: int, written: dict[int, int]) -> bytes:
+    data = bytearray(size)
+    for off, pattern in written.items():
+        data[off : off + 65536] = bytes([pattern]) * 65536
+    return bytes(data)
+
+
+def test_extent_map_fetches_only_the_windows_it_needs():
+    data = image(64 * MiB, {0: 1, 40 * MiB: 2})
+    export = FakeExport(data)
+
+    async def fetch(off: int, n: int) -> list[Extent]:
+        return export.block_status(off, n)
+
+    async def go() -> None:
+        m = ExtentMap(len(data), fetch, window=16 * MiB)
+        got = await m.range(40 * MiB, 40 * MiB + 65536)
+        assert got == [Extent(40 * MiB, 65536, False, True)]
+        assert {o // (16 * MiB) for o, _ in export.status_calls} == {2}  # one window only
+        assert m.known() is None
+        everything = await m.all()
+        assert sum(e.length for e in everything) == len(data) and m.known() == everything
+        assert [e for e in everything if not e.zero] == [
+            Extent(0, 65536, False, True), Extent(40 * MiB, 65536, False, True)]
+
+    trio.run(go)
+
+
+def test_block_reader_reads_data_and_answers_zeros_without_nbd():
+    data = image(32 * MiB, {MiB: 7, 20 * MiB: 9})
+    export = FakeExport(data)
+
+    async def go() -> None:
+        async with trio.open_nursery() as nursery:
+            source = ExportSource(len(data), lambda: export)
+            reader = BlockReader(len(data), source.load_raw, nursery.start_soon,
+                                 lambda: source.closed)
+            out = bytearray()
+            for off in range(0, len(data), 300_000):  # unaligned, crossing blocks
+                out += await reader.read(off, 300_000)
+            assert bytes(out) == data
+            # only the two written units went over "NBD", never a zero range
+            assert sum(n for _, n in export.reads) == source.nbd_bytes == 2 * 65536
+            source.close()
+            reader.close()
+            with pytest.raises(BackendError):
+                await reader.read(0, 4096)
+
+    trio.run(go)
+
+
+def test_block_reader_prefetches_ahead_of_a_sequential_reader():
+    data = image(8 * BLOCK, {k * BLOCK: k + 1 for k in range(8)})
+    export = FakeExport(data)
+
+    async def go() -> None:
+        async with trio.open_nursery() as nursery:
+            source = ExportSource(len(data), lambda: export)
+            reader = BlockReader(len(data), source.load_raw, nursery.start_soon,
+                                 lambda: source.closed)
+            await reader.read(0, 4096)
+            await trio.sleep(0.05)
+            assert {o // BLOCK for o, _ in export.reads} >= {0, 1, 2, 3, 4}
+            source.close()
+            reader.close()
+
+    trio.run(go)
