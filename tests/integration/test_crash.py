@@ -47,6 +47,16 @@ def crash(mnt, point: str, action, setup=None) -> None:
     assert "vm1" in listing(mnt.path)
 
 
+def kill_and_restart(mnt, between=None) -> None:
+    """SIGKILL vcfs, clear its dead mount, (run `between`,) start it again."""
+    os.kill(mnt.proc.pid, 9)
+    wait_for(lambda: mnt.returncode is not None)
+    subprocess.run(["fusermount3", "-uz", str(mnt.path)], capture_output=True)
+    if between:
+        between()
+    mnt.start()
+
+
 def debris(vm, mnt) -> dict:
     """Everything a backup could leave in QEMU or on disk."""
     nodes = sorted(n["node-name"] for n in vm.block_nodes())
@@ -147,10 +157,7 @@ def test_running_pull_backup_survives_a_crash(vm_factory, vcfs_mount):
     os.mkdir(dom / "backups/b")
     vm.write("vda", 0, 1 << 20, 0x22)  # after the backup began: must not show
     xml = (dom / "backups/b/xml").read_text()
-    os.kill(mnt.proc.pid, 9)
-    wait_for(lambda: mnt.returncode is not None)
-    subprocess.run(["fusermount3", "-uz", str(mnt.path)], capture_output=True)
-    mnt.start()
+    kill_and_restart(mnt)
     assert listing(dom / "backups") == ["b", "latest", "new"]
     assert (dom / "backups/b/xml").read_text() == xml
     with open(dom / "backups/b/disks/vda", "rb") as f:
@@ -170,13 +177,13 @@ def test_pull_backup_gone_from_qemu_after_a_crash_is_cleaned_up(vm_factory, vcfs
     dom = mnt.path / "vm1"
     before_nodes = sorted(n["node-name"] for n in vm.block_nodes())
     os.mkdir(dom / "backups/b")
-    os.kill(mnt.proc.pid, 9)
-    wait_for(lambda: mnt.returncode is not None)
-    subprocess.run(["fusermount3", "-uz", str(mnt.path)], capture_output=True)
-    for export in vm.qmp("query-block-exports"):
-        vm.qmp("block-export-del", id=export["id"], mode="hard")
-    time.sleep(0.1)
-    mnt.start()
+
+    def remove_exports() -> None:
+        for export in vm.qmp("query-block-exports"):
+            vm.qmp("block-export-del", id=export["id"], mode="hard")
+        time.sleep(0.1)
+
+    kill_and_restart(mnt, between=remove_exports)
     state = debris(vm, mnt)
     assert state.pop("nodes") == before_nodes
     assert state == CLEAN

@@ -51,6 +51,15 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def unlink_durably(path: Path, what: str) -> None:
+    """Remove `path` (if it exists) so that a crash cannot bring it back."""
+    try:
+        path.unlink(missing_ok=True)
+        fsync_dir(path.parent)
+    except OSError as e:
+        raise os_error(f"cannot remove {what}", e) from None
+
+
 def os_error(what: str, e: OSError) -> BackendError:
     """The domain error for a local I/O failure (ENOSPC gets its own)."""
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -92,12 +101,7 @@ class StateStore:
         )
 
     def remove(self, domain: str, name: str) -> None:
-        d = self._dir(domain)
-        try:
-            (d / f"{name}.xml").unlink(missing_ok=True)
-            fsync_dir(d)
-        except OSError as e:
-            raise os_error(f"cannot remove metadata of {name}", e) from None
+        unlink_durably(self._dir(domain) / f"{name}.xml", f"metadata of {name}")
 
     def set_current(self, domain: str, name: str | None) -> None:
         write_atomically(self._dir(domain).parent / "current", (name or "").encode() + b"\n")
@@ -120,9 +124,4 @@ class StateStore:
         return found
 
     def drop_intent(self, domain: str, key: str) -> None:
-        d = self._intents(domain)
-        try:
-            (d / f"{key}.json").unlink(missing_ok=True)
-            fsync_dir(d)
-        except OSError as e:
-            raise os_error(f"cannot remove intent {key}", e) from None
+        unlink_durably(self._intents(domain) / f"{key}.json", f"intent {key}")
