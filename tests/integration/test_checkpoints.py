@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -351,3 +352,18 @@ def test_eight_concurrent_clients_keep_tree_and_bitmaps_consistent(vm, mnt):
         seen.add(n)
         n = parents[n]
     assert seen == set(names)  # one chain: every create took the previous as parent
+
+
+def test_hot_plugged_disk_shows_in_xml_within_a_second(vm, mnt, tmp_path):
+    extra = tmp_path / "hot.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(extra), "8M"], check=True)
+    xml = mnt.path / "vm1/xml"
+    assert "vdh" not in xml.read_text()
+    vm.qmp("blockdev-add", driver="qcow2", node_name="vdh-format",
+           file={"driver": "file", "filename": str(extra)})
+    vm.qmp("device_add", driver="virtio-blk-pci", drive="vdh-format", id="vdh")
+    wait_for(lambda: "<target dev='vdh' bus='virtio'/>" in xml.read_text(), timeout=1.0,
+             what="the hot-plugged disk in xml")
+    # and it takes part in the next checkpoint
+    os.mkdir(mnt.path / "vm1/checkpoints/after")
+    assert "after" in vm.bitmaps("vdh")
