@@ -249,6 +249,8 @@ class Operations(pyfuse3.Operations):
         try:
             await action
         except VcfsError as e:
+            log.info("%s %s failed (%.1f ms)", what, "/".join(path),
+                     (time.monotonic() - started) * 1e3)
             raise self._failure(path, e) from None
         log.info("%s %s (%.1f ms)", what, "/".join(path), (time.monotonic() - started) * 1e3)
 
