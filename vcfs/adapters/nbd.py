@@ -68,7 +68,7 @@ class NbdExport:
         name: str,
         bitmap: str | None,
         tls_dir: str | None = None,
-        connections: int = 4,
+        connections: int = 8,
     ) -> None:
         self.address = address
         self.name = name
