@@ -86,6 +86,13 @@ CLEAN = {"jobs": [], "exports": [], "nbd server free": True, "scratch": [], "soc
          "intents": [], "unnamed or temporary bitmaps": []}
 
 
+def assert_no_debris(vm, mnt, nodes_before: list[str]) -> None:
+    """QEMU holds exactly the block nodes it had, and nothing else a backup leaves behind."""
+    state = debris(vm, mnt)
+    assert state.pop("nodes") == nodes_before
+    assert state == CLEAN
+
+
 @pytest.mark.parametrize("point", list(CREATE_POINTS))
 def test_checkpoint_create_killed(vm_factory, vcfs_mount, point):
     vm = qcow2_vm(vm_factory)
@@ -136,9 +143,7 @@ def test_backup_begin_killed_leaves_nothing(vm_factory, vcfs_mount, tmp_path, po
            + "<domaincheckpoint><name>c2</name><disks><disk name='vda'/></disks>"
            "</domaincheckpoint></domainbackup>")
     crash(mnt, point, lambda: write_errno(dom / "backups/new", doc.encode()))
-    state = debris(vm, mnt)
-    assert state.pop("nodes") == before_nodes
-    assert state == CLEAN
+    assert_no_debris(vm, mnt, before_nodes)
     assert listing(dom / "checkpoints") == ["base", "current", "new", "redefine"]
     assert set(vm.bitmaps("vda")) == {"base"}
     assert not target.exists()
@@ -164,9 +169,7 @@ def test_running_pull_backup_survives_a_crash(vm_factory, vcfs_mount):
         assert f.read(1 << 20) == b"\x21" * (1 << 20)
     assert "adopted pull backup b" in (dom / "errors").read_text()
     os.rmdir(dom / "backups/b")
-    state = debris(vm, mnt)
-    assert state.pop("nodes") == before_nodes
-    assert state == CLEAN
+    assert_no_debris(vm, mnt, before_nodes)
 
 
 def test_pull_backup_gone_from_qemu_after_a_crash_is_cleaned_up(vm_factory, vcfs_mount):
@@ -184,9 +187,7 @@ def test_pull_backup_gone_from_qemu_after_a_crash_is_cleaned_up(vm_factory, vcfs
         time.sleep(0.1)
 
     kill_and_restart(mnt, between=remove_exports)
-    state = debris(vm, mnt)
-    assert state.pop("nodes") == before_nodes
-    assert state == CLEAN
+    assert_no_debris(vm, mnt, before_nodes)
     assert listing(dom / "backups") == ["new"]
 
 
@@ -219,9 +220,7 @@ def test_backup_end_killed(vm_factory, vcfs_mount, point):
         with open(dom / "backups/b/disks/vda", "rb") as f:
             assert f.read(4) == b"\x31" * 4
         os.rmdir(dom / "backups/b")
-    state = debris(vm, mnt)
-    assert state.pop("nodes") == before_nodes
-    assert state == CLEAN
+    assert_no_debris(vm, mnt, before_nodes)
     assert listing(dom / "backups") == ["new"]
 
 
