@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import conformance
 from vcfs.demo import VM, DiskSpec
 
 INTEGRATION_DIR = Path(__file__).parent / "integration"
@@ -71,6 +72,22 @@ def pytest_runtest_makereport(
 def _test_failed(request: pytest.FixtureRequest) -> bool:
     reports = request.node.stash.get(_REPORTS, {})
     return any(r.failed for r in reports.values())
+
+
+# --- libvirt's test data -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def libvirt_data() -> Path:
+    """libvirt's `tests/` folder (see tests/conformance.py); skips the test when it is absent,
+    or fails it where the data is required (.ci/run)."""
+    reason = conformance.missing_reason()
+    if reason is not None:
+        if conformance.required():
+            pytest.fail(f"{reason}; {conformance.REQUIRE_ENV} is set: these tests must run here",
+                        pytrace=False)
+        pytest.skip(reason)
+    return conformance.tests_dir()
 
 
 # --- shell -------------------------------------------------------------------------------------

@@ -11,20 +11,11 @@ import os
 import subprocess
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
 from tests.integration.helpers import errors_of, listing, wait_for, write_errno
 from vcfs.demo import DiskSpec
-
-CONFORMANCE = Path(__file__).resolve().parents[3] / "shared/conformance/libvirt/tests"
-
-
-
-
-
-
 
 
 @pytest.fixture
@@ -222,10 +213,14 @@ def test_redefine_restores_metadata_and_validates(vm, mnt, sh):
     assert write_errno(cps / "redefine", ghost) == errno.EINVAL
     assert "missing or broken bitmap 'ghost'" in errors_of(mnt.path / "vm1")[-1]
     assert "ghost" not in listing(cps)
-    # libvirt's own redefine fixture: its uuid is foreign, so it is refused.
-    fixture = (CONFORMANCE / "qemudomaincheckpointxml2xmlout/redefine.xml").read_bytes()
+
+
+def test_libvirt_redefine_fixture_with_a_foreign_uuid_is_refused(vm, mnt, libvirt_data):
+    cps = mnt.path / "vm1/checkpoints"
+    fixture = (libvirt_data / "qemudomaincheckpointxml2xmlout/redefine.xml").read_bytes()
     assert write_errno(cps / "redefine", fixture) == errno.EINVAL
     assert "must use uuid" in errors_of(mnt.path / "vm1")[-1]
+    assert listing(cps) == ["new", "redefine"]
 
 
 def test_checkpoints_survive_restarts_of_vcfs_qemu_and_both(vm, mnt, sh):

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests import conformance
 from vcfs.adapters.backupxml import format_backup, parse_backup
 from vcfs.adapters.xmlcodec import MAX_DOCUMENT
 from vcfs.domain.align import align_backup
@@ -28,12 +28,12 @@ from vcfs.domain.model import (
 )
 from vcfs.errors import InvalidInput, TooLarge
 
-# The fixtures stay in the shared tree (GPL test data): never copied into the repo.
-FIXTURES = Path(__file__).resolve().parents[3] / "shared/conformance/libvirt/tests"
-IN = FIXTURES / "domainbackupxml2xmlin"
-OUT = FIXTURES / "domainbackupxml2xmlout"
+# libvirt's fixtures are read where they are (GPL test data, never copied into the repo); tests
+# that need them take the `libvirt_data` fixture, which skips them where the data is absent.
+IN = conformance.tests_dir() / "domainbackupxml2xmlin"
+OUT = conformance.tests_dir() / "domainbackupxml2xmlout"
 
-IN_OUT_CASES = sorted(p.stem for p in IN.glob("*.xml") if (OUT / p.name).exists())
+IN_OUT_CASES = conformance.cases(IN, "*.xml", paired_with=OUT)
 INTERNAL_CASES = {"backup-pull-internal-invalid"}
 
 
@@ -85,26 +85,26 @@ def libvirt_round(data: bytes, case: str) -> bytes:
     return format_backup(align_backup(backup, fake_domain(backup), "SUFFIX"), internal=internal)
 
 
-def test_fixtures_are_all_found():
+def test_fixtures_are_all_found(libvirt_data):
     assert len(IN_OUT_CASES) == 10
     assert INTERNAL_CASES <= set(IN_OUT_CASES)
     assert "empty" in IN_OUT_CASES
 
 
 @pytest.mark.parametrize("case", IN_OUT_CASES)
-def test_libvirt_in_to_out(case):
+def test_libvirt_in_to_out(case, libvirt_data):
     expected = (OUT / f"{case}.xml").read_bytes()
     assert libvirt_round((IN / f"{case}.xml").read_bytes(), case) == expected
 
 
 @pytest.mark.parametrize("case", IN_OUT_CASES)
-def test_libvirt_out_is_a_fixed_point(case):
+def test_libvirt_out_is_a_fixed_point(case, libvirt_data):
     # An aligned document reads back and aligns to itself: nothing is lost or re-defaulted.
     expected = (OUT / f"{case}.xml").read_bytes()
     assert libvirt_round(expected, case) == expected
 
 
-def test_internal_fixture_needs_the_internal_flag():
+def test_internal_fixture_needs_the_internal_flag(libvirt_data):
     data = (IN / "backup-pull-internal-invalid.xml").read_bytes()
     invalid(data, "unknown element <privateData> in <domainbackup>")
     start = data.index(b"  <privateData>")
@@ -118,7 +118,7 @@ def test_internal_fixture_needs_the_internal_flag():
     assert "state=" not in text and "privateData" not in text
 
 
-def test_fixture_values_are_parsed():
+def test_fixture_values_are_parsed(libvirt_data):
     backup = parse_backup((IN / "backup-pull-encrypted.xml").read_bytes())
     assert backup.mode == PULL
     assert backup.incremental == "1525889631"

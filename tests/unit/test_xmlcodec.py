@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests import conformance
 from vcfs.adapters.xmlcodec import (
     MAX_DOCUMENT,
     document_complete,
@@ -28,14 +28,14 @@ from vcfs.domain.model import (
 )
 from vcfs.errors import InvalidInput, TooLarge
 
-# The fixtures stay in the shared tree (GPL test data): never copied into the repo.
-FIXTURES = Path(__file__).resolve().parents[3] / "shared/conformance/libvirt/tests"
-IN = FIXTURES / "qemudomaincheckpointxml2xmlin"
-OUT = FIXTURES / "qemudomaincheckpointxml2xmlout"
+# libvirt's fixtures are read where they are (GPL test data, never copied into the repo); tests
+# that need them take the `libvirt_data` fixture, which skips them where the data is absent.
+IN = conformance.tests_dir() / "qemudomaincheckpointxml2xmlin"
+OUT = conformance.tests_dir() / "qemudomaincheckpointxml2xmlout"
 
-IN_OUT_CASES = sorted(p.stem for p in IN.glob("*.xml") if (OUT / p.name).exists())
-INVALID_CREATE = sorted(p.stem for p in IN.glob("*-invalid.xml"))
-INVALID_REDEFINE = sorted(p.stem for p in OUT.glob("internal-*-invalid.xml"))
+IN_OUT_CASES = conformance.cases(IN, "*.xml", paired_with=OUT)
+INVALID_CREATE = conformance.cases(IN, "*-invalid.xml")
+INVALID_REDEFINE = conformance.cases(OUT, "internal-*-invalid.xml")
 
 
 def invalid(data: bytes | str, match: str | None = None, *, redefine: bool = False) -> str:
@@ -82,20 +82,20 @@ def apply_libvirt_harness(case: str, cp: CheckpointDef) -> CheckpointDef:
     return cp.with_(disks=tuple(disks))
 
 
-def test_fixtures_are_all_found():
+def test_fixtures_are_all_found(libvirt_data):
     assert IN_OUT_CASES == ["disk-default", "empty", "sample", "size"]
     assert INVALID_CREATE == ["disk-invalid", "name-invalid"]
     assert INVALID_REDEFINE == ["internal-active-invalid", "internal-inactive-invalid"]
 
 
 @pytest.mark.parametrize("case", IN_OUT_CASES)
-def test_libvirt_in_to_out(case):
+def test_libvirt_in_to_out(case, libvirt_data):
     cp = parse_checkpoint((IN / f"{case}.xml").read_bytes(), redefine=False)
     cp = apply_libvirt_harness(case, cp)
     assert format_checkpoint(cp, include_domain=False) == (OUT / f"{case}.xml").read_bytes()
 
 
-def test_libvirt_redefine_round_trip():
+def test_libvirt_redefine_round_trip(libvirt_data):
     data = (OUT / "redefine.xml").read_bytes()
     cp = parse_checkpoint(data, redefine=True)
     assert cp.name == "c1" and cp.creation_time == 1553647812 and cp.parent is None
@@ -106,14 +106,14 @@ def test_libvirt_redefine_round_trip():
     assert parse_checkpoint(format_checkpoint(cp), redefine=True) == cp
 
 
-def test_create_mode_drops_redefine_only_fields():
+def test_create_mode_drops_redefine_only_fields(libvirt_data):
     cp = parse_checkpoint((OUT / "sample.xml").read_bytes(), redefine=False)
     assert (cp.parent, cp.creation_time, cp.domain_xml) == (None, None, None)
     cp = parse_checkpoint((OUT / "redefine.xml").read_bytes(), redefine=False)
     assert cp.domain_xml is None and cp.disks is not None and len(cp.disks) == 4
 
 
-def test_redefine_keeps_parent():
+def test_redefine_keeps_parent(libvirt_data):
     cp = parse_checkpoint((OUT / "sample.xml").read_bytes(), redefine=True)
     assert cp.parent == "1525111885" and cp.creation_time == 1525889631
     assert cp.disks == (
@@ -124,16 +124,16 @@ def test_redefine_keeps_parent():
 
 
 @pytest.mark.parametrize("case", INVALID_CREATE)
-def test_libvirt_invalid_inputs(case):
+def test_libvirt_invalid_inputs(case, libvirt_data):
     invalid((IN / f"{case}.xml").read_bytes())
 
 
 @pytest.mark.parametrize("case", INVALID_REDEFINE)
-def test_libvirt_obsolete_active_element(case):
+def test_libvirt_obsolete_active_element(case, libvirt_data):
     invalid((OUT / f"{case}.xml").read_bytes(), "<active>", redefine=True)
 
 
-def test_embedded_domain_disks():
+def test_embedded_domain_disks(libvirt_data):
     cp = parse_checkpoint((OUT / "redefine.xml").read_bytes(), redefine=True)
     assert cp.domain_xml is not None
     uuid, disks = parse_domain(cp.domain_xml)
@@ -312,7 +312,7 @@ def test_format_comment_after_name():
     assert parse_checkpoint(out, redefine=True) == cp
 
 
-def test_format_without_domain():
+def test_format_without_domain(libvirt_data):
     data = (OUT / "redefine.xml").read_bytes()
     out = format_checkpoint(parse_checkpoint(data, redefine=True), include_domain=False)
     assert b"<domain " not in out and out.endswith(b"  </disks>\n</domaincheckpoint>\n")
@@ -479,26 +479,28 @@ def test_empty_documents(data):
 
 # --- document_complete ------------------------------------------------------------------------
 
-PREFIX_DOCS = [
-    (OUT / "redefine.xml").read_bytes(),
-    (IN / "empty.xml").read_bytes(),
-    (
-        "<?xml version='1.0' encoding='UTF-8'?>\n<!-- café -->\n<?pi x?>\n"
-        "<domaincheckpoint>\n  <description>é ✓ <![CDATA[<x>]]> &amp;</description>\n"
-        "  <disks><disk name='vda'/></disks>\n</domaincheckpoint>\n"
-    ).encode(),
-]
+PROLOG_DOC = (
+    "<?xml version='1.0' encoding='UTF-8'?>\n<!-- café -->\n<?pi x?>\n"
+    "<domaincheckpoint>\n  <description>é ✓ <![CDATA[<x>]]> &amp;</description>\n"
+    "  <disks><disk name='vda'/></disks>\n</domaincheckpoint>\n"
+).encode()
 
 
-@pytest.mark.parametrize("data", PREFIX_DOCS, ids=["redefine", "empty", "prolog"])
-def test_document_complete_on_prefixes(data):
+@pytest.mark.parametrize("source", ["redefine", "empty", "prolog"])
+def test_document_complete_on_prefixes(source, request):
+    if source == "prolog":
+        data = PROLOG_DOC
+    else:
+        # Read at run time: libvirt's data may be absent (the fixture then skips).
+        request.getfixturevalue("libvirt_data")
+        data = ((OUT / "redefine.xml") if source == "redefine" else (IN / "empty.xml")).read_bytes()
     body = data.rstrip()
     for i in range(len(body)):
         assert document_complete(body[:i]) is False, body[:i]
     assert document_complete(body) is True
     assert document_complete(body + b"\n") is True
     assert document_complete(body + b" \r\n\t\n") is True
-    parse_checkpoint(data, redefine=data == PREFIX_DOCS[0])
+    parse_checkpoint(data, redefine=source == "redefine")
 
 
 def test_document_complete_rejects_early():
