@@ -536,7 +536,8 @@ def test_backup_and_restore_scripts(vm_factory, vcfs_mount, sh, tmp_path):
     assert (dest / "chain").read_text().split() == names
     assert checkpoints() == [names[-1]]
     assert sorted(os.listdir(dest)) == sorted(
-        ["chain"] + [f"{disk}-{n}.qcow2" for disk in SIZES for n in names]
+        ["chain", "lock"] + [f"{disk}-{n}.qcow2{ext}" for disk in SIZES for n in names
+                             for ext in ("", ".sha256")]
     )
     assert os.listdir(dom / "backups") == ["new"]
     for name in (dest / "chain").read_text().split():
