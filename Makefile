@@ -1,7 +1,7 @@
 # The two entry points of the README: `make demo` and `make test`.
 # Both first install what is missing (Debian packages, the virtualenv), idempotently.
 APT_PACKAGES := qemu-system-x86 qemu-utils fuse3 libfuse3-dev pkg-config python3-dev \
-                python3-libnbd libnbd-bin python3-venv gcc rsync
+                python3-libnbd libnbd-bin python3-venv gcc rsync patch
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -27,10 +27,11 @@ deps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml packaging/pyfuse3-lseek/lseek.patch packaging/pyfuse3-lseek/install
 	test -x $(PY) || /usr/bin/python3 -m venv --system-site-packages $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
+	packaging/pyfuse3-lseek/install $(PY)
 	touch $@
 
 lint:

@@ -20,7 +20,8 @@ from vcfs.errors import BackendError
 STATE_HOLE = 1  # NBD_STATE_HOLE in base:allocation
 STATE_ZERO = 2  # NBD_STATE_ZERO in base:allocation
 STATE_DIRTY = 1  # set bits of a qemu:dirty-bitmap context
-MAX_STATUS = 1 << 30
+MAX_STATUS = (4 << 30) - (2 << 20)
+"""NBD request lengths are 32 bits; aligned so that answers end on cluster boundaries."""
 
 
 def merge_contexts(offset: int, alloc: list[int], dirty: list[int] | None) -> list[Extent]:

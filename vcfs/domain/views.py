@@ -15,6 +15,7 @@ import trio
 from vcfs.domain import qcow2
 from vcfs.domain.model import Disk
 from vcfs.domain.reader import BlockReader, ExportSource
+from vcfs.errors import BackendError
 
 DEFAULT_CLUSTER = 65536
 
@@ -72,6 +73,12 @@ class DiskViews:
             else:
                 merged.append(e)
         return (json.dumps(merged, indent=None) + "\n").encode()
+
+    async def seek_raw(self, offset: int, data: bool) -> int | None:
+        """lseek's SEEK_DATA (`data`) / SEEK_HOLE on the raw image, from the extent map."""
+        if self.source.closed:
+            raise BackendError("the backup has ended")
+        return await self.source.extents.seek(offset, data)
 
     def allocated(self) -> int:
         """Bytes of the raw image that hold data: exact once the map is known, else estimated."""

@@ -55,6 +55,9 @@ class FuseMount:
 
     def open(self) -> None:
         """Mount. Raises RuntimeError (from libfuse) when the mount fails."""
+        if not hasattr(pyfuse3.Operations, "lseek"):
+            # A stock pyfuse3 (the set-up installs one with lseek: packaging/pyfuse3-lseek).
+            log.warning("this pyfuse3 has no lseek: tools will read the holes of disk images")
         pyfuse3.init(self.ops, str(self.mountpoint), self._options)
         self._open = True
 

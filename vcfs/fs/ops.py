@@ -313,6 +313,28 @@ class Operations(pyfuse3.Operations):
         return handle.content[off : off + size]
 
     @guarded
+    async def lseek(self, fh: int, offset: int, whence: int, ctx: pyfuse3.RequestContext) -> int:
+        # The kernel forwards only SEEK_DATA and SEEK_HOLE (it answers SEEK_SET/CUR/END).
+        # Images answer from their extents, so `cp`, `tar --sparse` and `qemu-img convert`
+        # skip holes without reading them; other files are all data.
+        handle = self._handles[fh]
+        node = handle.node
+        data = whence == os.SEEK_DATA
+        if not data and whence != os.SEEK_HOLE:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        if isinstance(node, ImageFile):
+            try:
+                found = await node.seek(offset, data)
+            except VcfsError as e:
+                raise self._failure(handle.path, e) from None
+        else:
+            size = len(handle.content)
+            found = None if offset >= size else offset if data else size
+        if found is None:
+            raise pyfuse3.FUSEError(errno.ENXIO)
+        return found
+
+    @guarded
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         handle = self._handles[fh]
         node = handle.node

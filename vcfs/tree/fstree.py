@@ -226,7 +226,9 @@ class DisksDir(Dir):
             return None
         views = d.views
         if kind == "":
-            return ImageFile(d.disk.size, views.raw.read, views.allocated, self.mtime)
+            return ImageFile(
+                d.disk.size, views.raw.read, views.allocated, self.mtime, views.seek_raw
+            )
         if kind == "qcow2":
             layout, reader = await views.qcow2()
             return ImageFile(layout.file_size, reader.read, lambda: layout.file_size, self.mtime)

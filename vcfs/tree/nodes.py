@@ -100,7 +100,12 @@ class Link(Node):
 
 
 class ImageFile(Node):
-    """A read-only disk image of known size, read at any offset (immutable: cacheable)."""
+    """A read-only disk image of known size, read at any offset (immutable: cacheable).
+
+    `seek(offset, data)` answers lseek's SEEK_DATA (`data`) and SEEK_HOLE: the first offset at
+    or after `offset` holding data or reading as zeros (the end counts as zeros), None past
+    the end or when no data follows. Without it the whole image is data.
+    """
 
     def __init__(
         self,
@@ -108,8 +113,15 @@ class ImageFile(Node):
         read: Callable[[int, int], Awaitable[bytes | bytearray | memoryview]],
         allocated: Callable[[], int],
         mtime: float,
+        seek: Callable[[int, bool], Awaitable[int | None]] | None = None,
     ) -> None:
         super().__init__(Kind.FILE, 0o400, mtime)
         self.size = size
         self.read = read
         self.allocated = allocated
+        self.seek = seek or self._all_data
+
+    async def _all_data(self, offset: int, data: bool) -> int | None:
+        if offset >= self.size:
+            return None
+        return offset if data else self.size
