@@ -152,7 +152,42 @@ def test_bad_mkdir_names(vm, mnt, sh):
     assert listing(cps) == ["new", "redefine"]
     assert vm.bitmaps("vda") == {}
     assert "EINVAL" in errors_of(mnt.path / "vm1")[-1]
-    # No disk can hold a bitmap: EOPNOTSUPP (a VM with only a raw disk).
+
+
+def test_checkpoint_of_no_disk_through_new_and_mkdir_on_a_raw_only_vm(vm_factory, vcfs_mount, sh):
+    # libvirt accepts a checkpoint that selects no disk: it records no bitmap.
+    vm = vm_factory("vm1", [DiskSpec("vda", fmt="raw", size=8 << 20),
+                            DiskSpec("vdb", fmt="raw", size=8 << 20)])
+    mnt = vcfs_mount(vm.host_dir)
+    dom = mnt.path / "vm1"
+    cps = dom / "checkpoints"
+    # Every disk by default: a raw disk cannot hold a bitmap, so that is still refused.
+    default = b"<domaincheckpoint><name>x</name></domaincheckpoint>"
+    assert write_errno(cps / "new", default) == errno.EOPNOTSUPP
+    assert "checkpoints/new EOPNOTSUPP" in errors_of(dom)[-1]
+    none = ("<domaincheckpoint><name>a</name><disks><disk name='vda' checkpoint='no'/>"
+            "<disk name='vdb' checkpoint='no'/></disks></domaincheckpoint>")
+    r = sh(f'echo "{none}" > {cps}/new')
+    assert r.returncode == 0, r.stderr
+    assert sh(f"mkdir {cps}/b").returncode == 0
+    assert listing(cps) == ["a", "b", "current", "new", "redefine"]
+    assert os.readlink(cps / "current") == "b" and os.readlink(cps / "b/parent") == "../a"
+    for name in ("a", "b"):
+        xml = (cps / name / "xml").read_text()
+        assert "<disk name='vda' checkpoint='no'/>" in xml, xml
+        assert "<disk name='vdb' checkpoint='no'/>" in xml and "broken" not in xml, xml
+        assert (cps / name / "size").read_bytes() == b""
+    assert [n.get("dirty-bitmaps") for n in vm.block_nodes() if n.get("dirty-bitmaps")] == []
+    # Reconciled at the next start as sound (no bitmap to miss), then deleted like any other.
+    mnt.restart()
+    assert listing(cps) == ["a", "b", "current", "new", "redefine"]
+    assert "broken" not in (cps / "a/xml").read_text()
+    assert errors_of(dom) == []  # reconciliation found nothing to report
+    os.rmdir(cps / "a")
+    assert listing(cps) == ["b", "current", "new", "redefine"]
+    assert not (cps / "b/parent").exists()
+    assert sh(f"echo metadata-only > {cps}/b/delete").returncode == 0
+    assert listing(cps) == ["new", "redefine"]
 
 
 def test_read_only_and_write_only_files_refuse_the_other_way(vm, mnt):

@@ -78,7 +78,6 @@ def test_disk_named_by_source_path_is_normalised_to_target():
         ("<name>a</name><disks><disk name='vdz'/></disks>", NotFound),
         ("<name>a</name><disks><disk name='vda'/><disk name='vda'/></disks>", InvalidInput),
         ("<name>a</name><disks><disk name='vda' bitmap='other'/></disks>", InvalidInput),
-        ("<name>a</name><disks><disk name='vda' checkpoint='no'/></disks>", InvalidInput),
         ("<name>new</name>", InvalidInput),
         ("<name>x", InvalidInput),
     ],
@@ -102,7 +101,50 @@ def test_raw_disk_refuses_default_checkpoint_but_mkdir_skips_it():
 def test_qcow2_v2_cannot_hold_a_bitmap():
     dom, qemu, _ = make(disk("vda", qcow2_v3=False))
     with pytest.raises(NotSupported, match="compat=0.10"):
-        run(dom.checkpoints.create_default, "a")
+        run(dom.checkpoints.create, doc("<name>a</name>"))
+    assert dom.checkpoints.names() == [] and qemu.transactions == []
+
+
+def test_checkpoint_of_no_disk_is_accepted_as_libvirt_does():
+    dom, qemu, store = make()
+    cps = dom.checkpoints
+    run(cps.create, doc("<name>a</name><disks><disk name='vda' checkpoint='no'/></disks>"))
+    assert [(d.name, d.checkpoint) for d in cps.get("a").definition.disks] == [
+        ("vda", "no"), ("vdb", "no")]
+    assert qemu.transactions == [] and qemu.bitmap_names("vda") == qemu.bitmap_names("vdb") == []
+    assert "a" in store.files and cps.current == "a" and store.current == "a"
+    assert run(cps.sizes, "a") == {} and run(cps.problems, "a") == []
+    # it parents the next checkpoint, which records bitmaps as usual
+    run(cps.create_default, "b")
+    assert cps.get("b").parent == "a" and qemu.bitmap_names("vda") == ["b"]
+    # and goes without touching QEMU: it has no bitmap to remove
+    run(cps.delete, "a")
+    assert cps.names() == ["b"] and cps.get("b").parent is None
+    assert [len(t) for t in qemu.transactions] == [2]
+    assert "a" not in store.files
+
+
+@pytest.mark.parametrize("kind", ["raw", "qcow2 v2"])
+def test_mkdir_on_a_domain_without_bitmap_capable_disks_checkpoints_no_disk(kind):
+    vda = disk("vda", driver="raw") if kind == "raw" else disk("vda", qcow2_v3=False)
+    dom, qemu, store = make(vda)
+    run(dom.checkpoints.create_default, "a")
+    assert [(d.name, d.checkpoint) for d in dom.checkpoints.get("a").definition.disks] == [
+        ("vda", "no")]
+    assert qemu.transactions == [] and "a" in store.files
+    # every disk by default (a document without <disks>) still needs bitmaps: refused
+    with pytest.raises(NotSupported):
+        run(dom.checkpoints.create, doc("<name>b</name>"))
+    assert dom.checkpoints.names() == ["a"]
+
+
+def test_crash_in_the_create_of_a_checkpoint_of_no_disk_is_undone_without_qemu():
+    dom, qemu, store = make()
+    store.put_intent("vm1", "checkpoint-create-a", {
+        "op": "checkpoint-create", "name": "a", "disks": []})
+    done = run(dom.checkpoints.recover, run(dom.info, 0))
+    assert done == [("checkpoints/a", "undid interrupted create of a (0 bitmaps)")]
+    assert store.pending == {} and qemu.transactions == [] and dom.checkpoints.names() == []
 
 
 def test_duplicate_name_and_foreign_bitmap_are_eexist():

@@ -189,7 +189,8 @@ class CheckpointService:
                         for target in intent["disks"]
                         if (disk := info.disk(target)) is not None and disk.bitmap(name)
                     ]
-                    await self._domain.qemu.transaction(stray)
+                    if stray:
+                        await self._domain.qemu.transaction(stray)
                     done.append((f"checkpoints/{name}",
                                  f"undid interrupted create of {name} ({len(stray)} bitmaps)"))
             elif op == "checkpoint-redefine":
@@ -252,16 +253,18 @@ class CheckpointService:
         return name
 
     async def create_default(self, name: str) -> None:
-        """`mkdir NAME`: every disk that can hold a bitmap gets one, the others `no`."""
+        """`mkdir NAME`: every disk that can hold a bitmap gets one, the others `no`.
+
+        On a domain none of whose disks can hold a bitmap (all raw, say) that is a checkpoint
+        of no disk, which libvirt accepts too: a script that checkpoints every VM of a host the
+        same way must not fail on such a VM.
+        """
         check_checkpoint_name(name)
         async with self._domain.lock:
             info = await self._domain.info(max_age=0)
             disks = tuple(
                 CheckpointDisk(d.target, BITMAP if d.bitmap_capable else NO) for d in info.disks
             )
-            if info.disks and not any(d.checkpoint == BITMAP for d in disks):
-                reasons = "; ".join(str(d.bitmap_problem()) for d in info.disks)
-                raise NotSupported(f"no disk of domain '{info.name}' can hold a bitmap: {reasons}")
             await self._create(CheckpointDef(name=name, disks=disks), info)
 
     async def _create(self, cp: CheckpointDef, info: DomainInfo | None = None) -> None:
@@ -274,12 +277,13 @@ class CheckpointService:
         })
         try:
             fault_point("checkpoint.create.transaction")
-            try:
-                await self._domain.qemu.transaction(prepared.actions)
-            except QmpCommandError as e:
-                raise translate_qmp(e) from None
-            finally:
-                self._domain.invalidate()
+            if prepared.actions:  # a checkpoint of no disk has no bitmap to add
+                try:
+                    await self._domain.qemu.transaction(prepared.actions)
+                except QmpCommandError as e:
+                    raise translate_qmp(e) from None
+                finally:
+                    self._domain.invalidate()
             fault_point("checkpoint.create.commit")
             await self.commit(prepared)
             fault_point("checkpoint.create.done")
@@ -316,8 +320,8 @@ class CheckpointService:
             if disk.bitmap(name) is not None:
                 raise AlreadyExists(f"disk '{disk.target}' already has a bitmap named '{name}'")
             actions.append(AddBitmap(disk.node, name))
-        if not actions:
-            raise InvalidInput(f"checkpoint '{name}' selects no disk")
+        # No action at all (every disk `checkpoint='no'`) is accepted, as libvirt accepts it:
+        # the checkpoint records no bitmap, `size` is empty, and it can parent others.
         cp = cp.with_(
             parent=self.current,
             creation_time=int(self._clock()),
@@ -491,6 +495,8 @@ class CheckpointService:
                 + ": nothing was deleted (write metadata-only to `delete` to drop the metadata "
                 "of a broken checkpoint)"
             )
+        if not actions:
+            return  # a checkpoint of no disk (or whose disks all left): no bitmap to remove
         try:
             await self._domain.qemu.transaction(actions)
         finally:
