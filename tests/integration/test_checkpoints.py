@@ -190,10 +190,15 @@ def test_checkpoint_of_no_disk_through_new_and_mkdir_on_a_raw_only_vm(vm_factory
     assert listing(cps) == ["new", "redefine"]
 
 
-def test_read_only_and_write_only_files_refuse_the_other_way(vm, mnt):
+def test_control_files_read_as_empty_files_and_read_only_files_refuse_writes(vm, mnt):
     dom = mnt.path / "vm1"
+    # Write-only, yet readable as empty files (st_size 0): rsync -a or tar of a whole domain
+    # copies them instead of failing. Reading never acts, and read-write stays refused.
+    new = dom / "checkpoints/new"
+    assert open(new, "rb").read() == b"" and os.stat(new).st_size == 0
     with pytest.raises(PermissionError):
-        open(dom / "checkpoints/new").read()
+        os.open(new, os.O_RDWR)
+    assert listing(dom / "checkpoints") == ["new", "redefine"]
     assert write_errno(dom / "xml", b"x") == errno.EACCES
 
 

@@ -60,7 +60,14 @@ class DiskViews:
             return self._qcow2
 
     async def map_json(self) -> bytes:
-        """The extent map in ovirt-imageio's schema, adjacent equal extents merged."""
+        """The extent map in ovirt-imageio's schema, adjacent equal extents merged.
+
+        Rendered once per job: the point-in-time image never changes, and `stat` (for the
+        file's exact size) asks for it as often as `cat` does.
+        """
+        cached: bytes | None = getattr(self, "_map_json", None)
+        if cached is not None:
+            return cached
         extents = [
             {"start": e.start, "length": e.length, "zero": e.zero, "dirty": e.dirty}
             for e in await self.source.extents.all()
@@ -72,7 +79,8 @@ class DiskViews:
                 last["length"] = int(last["length"]) + int(e["length"])  # type: ignore[call-overload]
             else:
                 merged.append(e)
-        return (json.dumps(merged, indent=None) + "\n").encode()
+        self._map_json = (json.dumps(merged, indent=None) + "\n").encode()
+        return self._map_json
 
     async def seek_raw(self, offset: int, data: bool) -> int | None:
         """lseek's SEEK_DATA (`data`) / SEEK_HOLE on the raw image, from the extent map."""

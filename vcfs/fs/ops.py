@@ -64,6 +64,8 @@ class Handle:
     node: Node
     content: bytes = b""
     buffer: bytearray = field(default_factory=bytearray)
+    pid: int = 0
+    """The process that opened a ReadFile: its `fstat` reports this handle's content."""
 
 
 class Operations(pyfuse3.Operations):
@@ -107,7 +109,28 @@ class Operations(pyfuse3.Operations):
         self.tree.report(path, errno_name(code), str(e))
         return pyfuse3.FUSEError(code)
 
-    def _attr(self, path: tuple[str, ...], node: Node) -> pyfuse3.EntryAttributes:
+    async def _content(self, path: tuple[str, ...], node: Node, pid: int) -> bytes | None:
+        """What a read of `node` returns, for its st_size; None when it is not a ReadFile.
+
+        A process that holds the file open gets its handle's snapshot: rsync and tar size their
+        reads by `fstat`, which must agree with what that handle reads even if the content
+        (status, errors) changed since. Anyone else gets a fresh rendering, as `open` makes.
+        """
+        if not isinstance(node, ReadFile):
+            return None
+        for fh in sorted(self._handles, reverse=True):  # the newest handle first
+            h = self._handles[fh]
+            if h.pid == pid and h.path == path and isinstance(h.node, ReadFile):
+                return h.content
+        try:
+            return await node.render()
+        except VcfsError as e:
+            raise self._failure(path, e) from None
+
+    def _attr(
+        self, path: tuple[str, ...], node: Node, content: bytes | None = None
+    ) -> pyfuse3.EntryAttributes:
+        """The attributes of `node`; a ReadFile's size is that of `content` (see `_content`)."""
         attr = pyfuse3.EntryAttributes()
         attr.st_ino = self.inodes.inode(path)
         attr.generation = 0
@@ -129,6 +152,9 @@ class Operations(pyfuse3.Operations):
             attr.st_size = node.size
             # The allocated size, so that `cp` makes a sparse copy.
             attr.st_blocks = -(-node.allocated() // 512)
+        elif content is not None:
+            attr.st_size = len(content)
+            attr.st_blocks = -(-len(content) // 512)  # all data: no tool takes it for sparse
         # cp and rsync size their reads by st_blksize: 1 MiB reads cost a quarter of the
         # per-request overhead of 256 KiB ones.
         attr.st_blksize = IMAGE_BLKSIZE if isinstance(node, ImageFile) else 4096
@@ -153,14 +179,15 @@ class Operations(pyfuse3.Operations):
             node = await self._node(path)
         except VcfsError as e:
             raise self._failure(path, e) from None
-        attr = self._attr(path, node)
+        attr = self._attr(path, node, await self._content(path, node, ctx.pid))
         self.inodes.remember(attr.st_ino)
         return attr
 
     @guarded
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         path = self._path(inode)
-        return self._attr(path, await self._node(path))
+        node = await self._node(path)
+        return self._attr(path, node, await self._content(path, node, ctx.pid))
 
     @guarded
     async def setattr(
@@ -229,6 +256,9 @@ class Operations(pyfuse3.Operations):
         for ino, name, path, child in entries:
             if ino <= start_id:
                 continue
+            # A ReadFile's size is left out here: rendering every file of a listing would cost
+            # what `ls` need not pay, and its attributes are never cached (ATTR_TIMEOUT 0), so
+            # the kernel asks getattr before anyone sees an st_size.
             if not pyfuse3.readdir_reply(token, os.fsencode(name), self._attr(path, child), ino):
                 break
             self.inodes.remember(ino)
@@ -280,12 +310,17 @@ class Operations(pyfuse3.Operations):
         if isinstance(node, ReadFile):
             if access != os.O_RDONLY:
                 raise pyfuse3.FUSEError(errno.EACCES)
+            # One rendering per handle: every read of it, and its opener's fstat, see one
+            # consistent snapshot.
             try:
                 handle.content = await node.render()
             except VcfsError as e:
                 raise self._failure(path, e) from None
+            handle.pid = ctx.pid
         elif isinstance(node, ControlFile):
-            if access != os.O_WRONLY:
+            # Write-only, but a read-only open reads it as empty (its st_size is 0), so that
+            # `rsync -a`, `cp -a` and `tar` of a whole domain copy it instead of failing on it.
+            if access == os.O_RDWR:
                 raise pyfuse3.FUSEError(errno.EACCES)
         elif isinstance(node, ImageFile):
             if access != os.O_RDONLY:
@@ -299,7 +334,8 @@ class Operations(pyfuse3.Operations):
             return pyfuse3.FileInfo(fh=fh, direct_io=True)
         else:
             raise pyfuse3.FUSEError(errno.EISDIR if node.kind is Kind.DIR else errno.EINVAL)
-        # Rendered content has no size in getattr: direct I/O makes the kernel read to EOF.
+        # Direct I/O: the kernel reads this handle's snapshot to its end, whatever size a stat
+        # made before the content changed (status, errors) reported; no stale page cache.
         return pyfuse3.FileInfo(fh=self._new_handle(handle), direct_io=True)
 
     @guarded
