@@ -68,10 +68,11 @@ TREE: tuple[TreeEntry, ...] = (
         "the domain's checkpoints",
         "`new`, `redefine`, `current` (when there is one) and one directory per checkpoint.",
         "`mkdir NAME` creates checkpoint NAME with defaults: a bitmap on every disk that can "
-        "hold one, the other disks `checkpoint='no'`. `rmdir NAME` deletes it: its bitmaps go, "
+        "hold one, the other disks `checkpoint='no'` (where no disk can, a checkpoint of no "
+        "disk, as libvirt allows). `rmdir NAME` deletes it: its bitmaps go, "
         "its children re-parent to its parent.",
         "mkdir: EEXIST (name taken), EINVAL (bad or reserved name: `new`, `redefine`, "
-        "`current`, `latest`), EOPNOTSUPP (no disk can hold a bitmap), EIO. rmdir: ENOENT (a "
+        "`current`, `latest`), EIO. rmdir: ENOENT (a "
         "bitmap of it is missing: the checkpoint is broken, see `delete`), EIO.",
     ),
     TreeEntry(
@@ -232,7 +233,8 @@ ERRNO_TABLE = (
     ("state directory full", "ENOSPC"),
     ("mkdir or rmdir where the tree has no such operation; a change to a file's mode",
      "EPERM"),
-    ("opening a control file for reading, or any other file for writing", "EACCES"),
+    ("opening a control file for reading and writing, or any other file for writing",
+     "EACCES"),
     ("any change on a read-only (`-o ro`) mount", "EROFS"),
 )
 
@@ -240,10 +242,12 @@ TREE_INTRO = """\
 The mount's root holds one directory per domain. Control files (`w`) act at the `write()` that
 completes a request - a whole XML document, or a newline-terminated line - and that `write()`
 returns the error, so `echo ... > new` reports it; a request still incomplete at `close()` fails
-there (EINVAL). Each open handle has its own buffer; opening with `O_TRUNC` works. Every failure
-also leaves one line in `<dom>/errors` and the log, and changes nothing. Modes matter with
-`-o allow_other` (vcfs then adds `default_permissions`); without it only the mounting user sees
-the tree."""
+there (EINVAL). Each open handle has its own buffer; opening with `O_TRUNC` works. Read, a
+control file is empty, so `rsync -a`, `cp -a` and `tar` copy it as an empty file. Every other
+file's size is what a read returns (XML, status and maps are rendered for `stat` too); an open
+handle reads one snapshot, and its `fstat` agrees with it. Every failure also leaves one line
+in `<dom>/errors` and the log, and changes nothing. Modes matter with `-o allow_other` (vcfs
+then adds `default_permissions`); without it only the mounting user sees the tree."""
 
 
 def mode_string(kind: str, mode: int) -> str:
