@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import pytest
 import trio
 
-from vcfs.domain.extents import Extent, ExtentMap, merge_adjacent
+from vcfs.domain.extents import MAX_FETCH, Extent, ExtentMap, merge_adjacent
 from vcfs.domain.reader import BLOCK, BlockReader, ExportSource
 from vcfs.errors import BackendError
 
@@ -114,5 +114,103 @@ def test_block_reader_prefetches_ahead_of_a_sequential_reader():
             assert {o // BLOCK for o, _ in export.reads} >= {0, 1, 2, 3, 4}
             source.close()
             reader.close()
+
+    trio.run(go)
+
+
+class ListedExport:
+    """Block status over an extent list (no bytes: disks of any size), answering at most
+    `max_extents` extents per call, as a server with a reply limit does."""
+
+    def __init__(self, size: int, data: Sequence[tuple[int, int]], max_extents: int = 10**9):
+        self.size = size
+        self.data = sorted(data)
+        self.max_extents = max_extents
+        self.calls: list[tuple[int, int]] = []
+
+    async def fetch(self, offset: int, length: int) -> list[Extent]:
+        self.calls.append((offset, length))
+        end = min(offset + length, self.size)
+        out, pos = [], offset
+        for s, n in self.data:
+            if s + n <= pos:
+                continue
+            if s >= end:
+                break
+            if s > pos:
+                out.append(Extent(pos, s - pos, True, False))
+            out.append(Extent(max(s, pos), min(s + n, end) - max(s, pos), False, True))
+            pos = min(s + n, end)
+        if pos < end:
+            out.append(Extent(pos, end - pos, True, False))
+        return out[: self.max_extents]
+
+
+GiB, TiB = 1 << 30, 1 << 40
+
+
+@pytest.mark.parametrize("max_extents", [10**9, 1])
+def test_seek_data_and_hole_follow_the_extents(max_extents: int):
+    size = 64 * MiB
+    export = ListedExport(size, [(0, 65536), (40 * MiB, 65536), (size - 65536, 65536)],
+                          max_extents)
+
+    async def go() -> None:
+        m = ExtentMap(size, export.fetch, window=16 * MiB)
+        assert await m.seek(0, True) == 0
+        assert await m.seek(0, False) == 65536
+        assert await m.seek(100, False) == 65536
+        assert await m.seek(65536, True) == 40 * MiB
+        assert await m.seek(40 * MiB + 100, True) == 40 * MiB + 100
+        assert await m.seek(40 * MiB + 100, False) == 40 * MiB + 65536
+        assert await m.seek(40 * MiB + 65536, True) == size - 65536
+        assert await m.seek(size - 1, True) == size - 1
+        assert await m.seek(size - 1, False) == size  # the end counts as a hole
+        assert await m.seek(size, True) is None  # ENXIO at and past the end
+        assert await m.seek(size, False) is None
+        assert await m.seek(size + 1, False) is None
+
+    trio.run(go)
+
+
+def test_seek_on_a_disk_that_is_all_hole():
+    export = ListedExport(TiB, [])
+
+    async def go() -> None:
+        m = ExtentMap(TiB, export.fetch)
+        assert await m.seek(0, True) is None
+        assert await m.seek(0, False) == 0
+        assert await m.seek(TiB - 1, False) == TiB - 1
+
+    trio.run(go)
+
+
+def test_sparse_answers_grow_the_fetch_so_a_16_tib_disk_takes_few_round_trips():
+    size = 16 * TiB
+    data = [(k * 8 * GiB + 12345 * 65536, 65536) for k in range(2000)]
+    export = ListedExport(size, data)
+
+    async def go() -> None:
+        m = ExtentMap(size, export.fetch)
+        everything = await m.all()
+        assert [(e.start, e.length) for e in everything if not e.zero] == data
+        assert m.known() == everything
+        # Lengths double up to the NBD limit: ~4 GiB per answer, not the first 128 MiB.
+        assert len(export.calls) <= size // MAX_FETCH + 10
+        assert max(n for _, n in export.calls) == MAX_FETCH
+
+    trio.run(go)
+
+
+def test_dense_answers_shrink_the_fetch_and_short_answers_are_continued():
+    size = 4 * GiB
+    data = [(k * 256 * 1024, 65536) for k in range(size // (256 * 1024))]  # 16,384 extents
+    export = ListedExport(size, data, max_extents=5000)
+
+    async def go() -> None:
+        m = ExtentMap(size, export.fetch, window=128 * MiB)
+        everything = await m.all()
+        assert [(e.start, e.length) for e in everything if not e.zero] == data
+        assert max(n for _, n in export.calls) <= 256 * MiB  # never grew past one doubling
 
     trio.run(go)

@@ -19,7 +19,10 @@ WINDOW = 128 << 20
 """The first fetch: small enough that the first read of a fragmented image answers quickly."""
 MAX_FETCH = (4 << 30) - (2 << 20)
 """The largest fetch: an NBD request length is 32 bits (kept aligned to 2 MiB clusters). Holes
-are described in a few large answers, so a 16 TiB disk is mapped in ~4,000 round trips."""
+are described in a few large answers, so a 16 TiB disk is mapped in ~4,000 round trips. QEMU's
+own block status is the floor then (1 TiB with 2,000 scattered extents: 0.43 s of L2 table
+walking; `qemu-img map` of the same image takes 0.5 s); several fetches in flight at once were
+measured no faster, since one QEMU thread answers them all."""
 SPARSE_ANSWER = 1024
 """An answer with fewer extents than this doubles the next fetch; a denser one halves it."""
 
@@ -115,21 +118,28 @@ class ExtentMap:
                 return span
             i = bisect.bisect_right(self._span_starts, pos)
             limit = self._span_starts[i] if i < len(self._spans) else self.size
-            want = min(self._length, limit - pos)
-            got = clip(await self._fetch(pos, want), pos, pos + want)
-            if not got or got[0].start != pos:
-                raise ValueError(f"extent fetch at {pos} returned no extent starting there")
-            extents = merge_adjacent(got)
-            # A server may describe less than it was asked for: the span is what it described.
-            span = _Span(pos, extents[-1].end, extents, [e.start for e in extents])
-            self._spans.insert(i, span)
-            self._span_starts.insert(i, pos)
-            self._covered += span.end - span.start
-            if len(extents) < SPARSE_ANSWER:
+            span = await self._fetch_span(pos, pos + min(self._length, limit - pos))
+            if len(span.extents) < SPARSE_ANSWER:
                 self._length = min(self._length * 2, MAX_FETCH)
             else:
                 self._length = max(self._length // 2, self._first)
             return span
+
+    def _insert(self, extents: list[Extent]) -> _Span:
+        """Record a fetched answer as a span (no await: atomic among trio tasks)."""
+        span = _Span(extents[0].start, extents[-1].end, extents, [e.start for e in extents])
+        i = bisect.bisect_right(self._span_starts, span.start)
+        self._spans.insert(i, span)
+        self._span_starts.insert(i, span.start)
+        self._covered += span.end - span.start
+        return span
+
+    async def _fetch_span(self, start: int, end: int) -> _Span:
+        got = clip(await self._fetch(start, end - start), start, end)
+        if not got or got[0].start != start:
+            raise ValueError(f"extent fetch at {start} returned no extent starting there")
+        # A server may describe less than it was asked for: the span is what it described.
+        return self._insert(merge_adjacent(got))
 
     async def range(self, start: int, end: int) -> list[Extent]:
         """The extents covering [start, end), clipped to it."""
