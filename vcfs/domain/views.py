@@ -46,11 +46,10 @@ class DiskViews:
         async with self._lock:
             if self._qcow2 is None:
                 cs = self.disk.cluster_size or DEFAULT_CLUSTER
-                data, zero = qcow2.classify(
-                    await self.source.extents.all(), self.disk.size, cs, self.incremental
-                )
                 backing = (self.backing, "qcow2") if self.incremental and self.backing else None
-                lay = qcow2.plan(self.disk.size, cs, data, zero, backing)
+                lay = qcow2.layout(
+                    await self.source.extents.all(), self.disk.size, cs, self.incremental, backing
+                )
 
                 async def load(start: int, end: int) -> bytes:
                     return await qcow2.read(lay, start, end - start, self.source.read_ranges)
