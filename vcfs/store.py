@@ -154,7 +154,7 @@ def in_use(path: Path) -> bool:
 
 def backing_of(image: Path) -> str | None:
     """The backing file name `image` carries in its header, None for a self-contained one."""
-    r = _qemu_img("info", "-U", "--output=json", image)
+    r = _qemu_img("info", "-U", "-f", "qcow2", "--output=json", image)
     return json.loads(r.stdout).get("backing-filename")
 
 
@@ -260,13 +260,13 @@ def _merge_disk(store: Store, disk: str, older: str, newer: str, recovering: boo
         if recovering:
             # A commit killed half-way leaves at worst leaked clusters in the base (QEMU writes
             # refcounts before the L2 entries that use them): reclaim them, refuse worse.
-            r = _qemu_img("check", "-q", "-r", "leaks", base, check=False)
+            r = _qemu_img("check", "-q", "-f", "qcow2", "-r", "leaks", base, check=False)
             if r.returncode not in (0, 3):
                 raise StoreError(f"{base.name}: damaged, cannot finish merging it: "
                                  f"{(r.stderr or r.stdout).strip()}")
         # -d: the incremental is left as is, so until the rename below it alone still answers
         # for `newer` wherever it has clusters, and `base` holds `newer`'s content elsewhere.
-        _qemu_img("commit", "-q", "-d", top)
+        _qemu_img("commit", "-q", "-f", "qcow2", "-d", top)
         _fsync_file(base)
         _step(f"commit {disk}")
         _write_atomic(new_sum, sum_line(sha256_of(base), top.name))
@@ -464,7 +464,7 @@ def _verify_image(image: Path, report: Report) -> None:
             report.bytes_read += image.stat().st_size
             if sha256_of(image) != digest:
                 bad(f"{image.name}: checksum mismatch: the image changed after it was saved")
-    r = _qemu_img("check", "-U", "-q", image, check=False)
+    r = _qemu_img("check", "-U", "-q", "-f", "qcow2", image, check=False)
     if r.returncode != 0:
         msg = " ".join((r.stderr + r.stdout).split()) or f"exit status {r.returncode}"
         bad(f"{image.name}: qemu-img check: {msg}")
