@@ -332,6 +332,20 @@ class VM:
         if f"wrote {length}/{length} bytes at offset {offset}" not in out:
             raise RuntimeError(f"{self.name}: write to {target} failed: {out.strip()}")
 
+    def write_bytes(self, target: str, offset: int, data: bytes) -> None:
+        """Write `data` at `offset` through the device, as a guest would (see `write`).
+
+        qemu-io takes the bytes from a file (`write -s`), made beside the QEMU log and removed.
+        """
+        src = self.work_dir / f"{self.name}-{target}-write.bin"
+        src.write_bytes(data)
+        try:
+            out = self._qemu_io(target, f"write -s {src} {offset} {len(data)}")
+        finally:
+            src.unlink(missing_ok=True)
+        if f"wrote {len(data)}/{len(data)} bytes at offset {offset}" not in out:
+            raise RuntimeError(f"{self.name}: write to {target} failed: {out.strip()}")
+
     def has_pattern(self, target: str, offset: int, length: int, pattern: int) -> bool:
         """Whether the guest sees `length` bytes of `pattern` at `offset` on `target`."""
         out = self._qemu_io(target, f"read -P 0x{pattern:02x} {offset} {length}")
