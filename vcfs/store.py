@@ -266,7 +266,11 @@ def _merge_disk(store: Store, disk: str, older: str, newer: str, recovering: boo
                                  f"{(r.stderr or r.stdout).strip()}")
         # -d: the incremental is left as is, so until the rename below it alone still answers
         # for `newer` wherever it has clusters, and `base` holds `newer`'s content elsewhere.
+        # Images copied from the mount are read-only (0400): commit needs to write the base.
+        mode = base.stat().st_mode & 0o7777
+        base.chmod(mode | 0o200)
         _qemu_img("commit", "-q", "-f", "qcow2", "-d", top)
+        base.chmod(mode)
         _fsync_file(base)
         _step(f"commit {disk}")
         _write_atomic(new_sum, sum_line(sha256_of(base), top.name))
