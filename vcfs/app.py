@@ -21,6 +21,7 @@ from vcfs.adapters.nbd import NbdExport
 from vcfs.adapters.qmp import QmpQemu
 from vcfs.adapters.state import StateStore
 from vcfs.domain.host import Environment, Host
+from vcfs.domain.reader import CACHE_BYTES, BlockCache
 from vcfs.fs.mount import FuseMount
 from vcfs.tree.fstree import Tree
 
@@ -37,6 +38,8 @@ class Config:
     runtime_dir: Path
     fuse_options: list[str] = field(default_factory=list)
     cache_images: bool = False
+    image_cache: int = CACHE_BYTES
+    """Bytes of image data kept in memory at most, every backup view of the mount together."""
     tls_dir: Path | None = None
 
 
@@ -57,7 +60,10 @@ async def serve(config: Config, ready: Callable[[], None] = lambda: None) -> Non
     async def connect(path: Path) -> QmpQemu:
         return await QmpQemu.connect(bridge, path)
 
-    env = Environment(store, codec, config.runtime_dir, scratch_dir, NbdExport, config.tls_dir)
+    env = Environment(
+        store, codec, config.runtime_dir, scratch_dir, NbdExport, config.tls_dir,
+        BlockCache(config.image_cache),
+    )
     host = Host(config.host_dir, connect, env)
     mount = FuseMount(
         Tree(host, codec), config.mountpoint, config.fuse_options, config.cache_images

@@ -8,7 +8,7 @@ import pytest
 import trio
 
 from vcfs.domain.extents import MAX_FETCH, Extent, ExtentMap, merge_adjacent
-from vcfs.domain.reader import BLOCK, BlockReader, ExportSource
+from vcfs.domain.reader import BLOCK, BlockCache, BlockReader, ExportSource
 from vcfs.errors import BackendError
 
 MiB = 1 << 20
@@ -82,7 +82,7 @@ def test_block_reader_reads_data_and_answers_zeros_without_nbd():
         async with trio.open_nursery() as nursery:
             source = ExportSource(len(data), lambda: export)
             reader = BlockReader(len(data), source.load_raw, nursery.start_soon,
-                                 lambda: source.closed)
+                                 lambda: source.closed, BlockCache())
             out = bytearray()
             for off in range(0, len(data), 300_000):  # unaligned, crossing blocks
                 out += await reader.read(off, 300_000)
@@ -105,7 +105,7 @@ def test_block_reader_prefetches_ahead_of_a_sequential_reader():
         async with trio.open_nursery() as nursery:
             source = ExportSource(len(data), lambda: export)
             reader = BlockReader(len(data), source.load_raw, nursery.start_soon,
-                                 lambda: source.closed)
+                                 lambda: source.closed, BlockCache())
             await reader.read(0, 4096)
             # Nothing else reads: whatever arrives was prefetched (waited for, not timed).
             with trio.move_on_after(5):
@@ -214,3 +214,57 @@ def test_dense_answers_shrink_the_fetch_and_short_answers_are_continued():
         assert max(n for _, n in export.calls) <= 256 * MiB  # never grew past one doubling
 
     trio.run(go)
+
+
+def test_block_cache_keeps_to_its_budget_and_evicts_consumed_blocks_first():
+    cache = BlockCache(capacity=4 * BLOCK)
+    a, b = cache.owner(), cache.owner()
+    for k in range(3):
+        cache.put((a, k), bytes(BLOCK))
+    cache.put((b, 0), bytes(BLOCK))
+    cache.consumed((a, 2))  # a streamed past its newest block: it goes before older ones
+    cache.put((b, 1), bytes(BLOCK))
+    assert (a, 2) not in cache and (a, 0) in cache and (a, 1) in cache
+    assert cache.size <= cache.capacity
+    for k in range(1000):  # holes cost an entry each, not nothing: bounded all the same
+        cache.put((b, 100 + k), None)
+    assert cache.size <= cache.capacity
+    cache.drop(b)
+    assert not any((b, k) in cache for k in range(1100))
+    assert cache.get((b, 1)) == (False, None)
+
+
+def test_readers_sharing_a_small_cache_read_right_and_stay_within_it():
+    images = [image(12 * BLOCK, {k * BLOCK + 4096 * n: n + k + 1 for k in range(12)})
+              for n in range(3)]
+    exports = [FakeExport(d) for d in images]
+    cache = BlockCache(capacity=6 * BLOCK, loading=4)
+    peak = 0
+
+    async def go() -> None:
+        nonlocal peak
+        async with trio.open_nursery() as nursery:
+            sources = [ExportSource(len(d), lambda e=e: e)
+                       for d, e in zip(images, exports, strict=True)]
+            readers = [BlockReader(len(d), s.load_raw, nursery.start_soon,
+                                   lambda s=s: s.closed, cache)
+                       for d, s in zip(images, sources, strict=True)]
+
+            async def read_all(n: int) -> None:
+                nonlocal peak
+                out = bytearray()
+                for off in range(0, len(images[n]), 1 << 20):
+                    out += await readers[n].read(off, 1 << 20)
+                    peak = max(peak, cache.size)
+                assert bytes(out) == images[n]
+
+            async with trio.open_nursery() as inner:
+                for n in range(3):
+                    inner.start_soon(read_all, n)
+            for s, r in zip(sources, readers, strict=True):
+                s.close()
+                r.close()
+        assert cache.size == 0
+
+    trio.run(go)
+    assert peak <= 6 * BLOCK

@@ -88,6 +88,10 @@ class NbdExport:
 
     def _connect(self) -> nbd.NBD:
         h = nbd.NBD()
+        # libnbd zeroes every read buffer before reading into it, in case a read fails half
+        # way; vcfs never uses the buffer of a failed read, so that is a wasted pass over
+        # every byte (1 GiB read in 4 MiB blocks: 0.93 s -> 0.81 s in one thread, measured).
+        h.set_pread_initialize(False)
         h.add_meta_context("base:allocation")
         if self.bitmap:
             h.add_meta_context(f"qemu:dirty-bitmap:{self.bitmap}")

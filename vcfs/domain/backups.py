@@ -53,7 +53,7 @@ from vcfs.domain.ports import (
     NbdAddress,
     RemoveBitmap,
 )
-from vcfs.domain.reader import ExportSource
+from vcfs.domain.reader import BlockCache, ExportSource
 from vcfs.domain.views import DiskViews
 from vcfs.errors import (
     AlreadyExists,
@@ -170,8 +170,10 @@ class BackupService:
         scratch_dir: Path,
         open_export: ExportOpener,
         tls_dir: Path | None = None,
+        cache: BlockCache | None = None,
     ) -> None:
         self._domain = domain
+        self._cache = cache or BlockCache()
         self._tls_dir = tls_dir
         self._store = store
         self._codec = codec
@@ -567,7 +569,9 @@ class BackupService:
             # Naming convention of incremental images: the base's image is saved next to it
             # as <disk>-<checkpoint>.qcow2 (README, scripts/vcfs-backup).
             backing = f"{d.target}-{d.incremental}.qcow2" if d.incremental else None
-            d.views = DiskViews(d.disk, source, self._domain.spawn, bool(d.incremental), backing)
+            d.views = DiskViews(
+                d.disk, source, self._domain.spawn, bool(d.incremental), backing, self._cache
+            )
 
     async def _start_server(self, job: BackupJob, undo: Undo) -> None:
         assert job.address

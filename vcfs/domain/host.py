@@ -14,7 +14,7 @@ import os
 import stat
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
@@ -24,6 +24,7 @@ from vcfs.domain.checkpoints import CheckpointService
 from vcfs.domain.errorlog import ErrorLog
 from vcfs.domain.model import DomainInfo
 from vcfs.domain.ports import CheckpointStore, Codec, Qemu
+from vcfs.domain.reader import BlockCache
 from vcfs.errors import VcfsError
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,8 @@ class Environment:
     open_export: ExportOpener
     tls_dir: Path | None = None
     """x509 credentials for backup NBD servers with `tls='yes'`."""
+    cache: BlockCache = field(default_factory=BlockCache)
+    """Image blocks of every backup view of the mount, within one memory budget."""
 
 
 class Domain:
@@ -65,7 +68,7 @@ class Domain:
         self.checkpoints = CheckpointService(self, env.store, env.codec)
         self.backups = BackupService(
             self, env.store, env.codec, env.runtime_dir, env.scratch_dir, env.open_export,
-            env.tls_dir,
+            env.tls_dir, env.cache,
         )
         self.created = time.time()
         self.socket_ino = 0

@@ -5,12 +5,15 @@ reads. `BlockReader` serves the kernel's requests (128 KiB–1 MiB) from blocks 
 loaded in worker threads, several in flight ahead of a sequential reader; it is shared by the
 raw view (blocks read from the export, zero extents answered from the extent map without NBD)
 and the synthesized qcow2 view (blocks computed by `qcow2.read`, reading exactly the data
-clusters). Images are immutable, so blocks never go stale.
+clusters). Images are immutable, so blocks never go stale. Every reader keeps its blocks in
+one `BlockCache` per mount, so memory is bounded by configuration, not by the number or size
+of the disks: at most `capacity` bytes cached plus `loading` blocks being read.
 Thread rule: trio tasks; NBD calls run in worker threads bounded by a CapacityLimiter.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
@@ -30,7 +33,13 @@ BLOCK = 4 << 20
 PREFETCH = 8
 """Blocks read ahead of a sequential reader: eight in flight hide QEMU's per-request latency
 (scattered 64 KiB clusters: 0.47 → 0.62 of nbdcopy's read rate, measured, against four)."""
-CACHE_BLOCKS = 16
+CACHE_BYTES = 256 << 20
+"""Image data a mount keeps in memory at most (all readers together; `--image-cache`)."""
+LOADING = 32
+"""Blocks being read at once, all readers together: with the cache, the whole memory bound."""
+HOLE_WEIGHT = 4096
+"""What a cached all-zero block (no buffer) counts against the budget: it still takes an entry,
+and a reader walking a 16 TiB hole must not grow the cache without bound."""
 THREADS = 8
 GAP = 64 << 10
 """Zero gaps shorter than this inside a block are read rather than split around."""
@@ -128,21 +137,92 @@ class ExportSource:
 
 
 Loader = Callable[[int, int], Awaitable[Buffer | None]]
+Key = tuple[int, int]
+
+
+class BlockCache:
+    """The image blocks of every reader of a mount, within one byte budget.
+
+    Least recently used blocks go first, and a block a sequential reader has moved past goes
+    before any other: streams of several readers then evict what they consumed, never what
+    another reader prefetched and has yet to read.
+    """
+
+    def __init__(self, capacity: int = CACHE_BYTES, loading: int = LOADING) -> None:
+        self.capacity = capacity
+        self.loading = trio.CapacityLimiter(loading)
+        """Held while a block is read: bounds the memory of blocks not yet cached."""
+        self._blocks: OrderedDict[Key, Buffer | None] = OrderedDict()
+        self._bytes = 0
+        self._owners = itertools.count(1)
+
+    @staticmethod
+    def _weight(data: Buffer | None) -> int:
+        return HOLE_WEIGHT if data is None else max(len(data), HOLE_WEIGHT)
+
+    def owner(self) -> int:
+        """A new reader's key prefix (never reused, unlike id())."""
+        return next(self._owners)
+
+    def get(self, key: Key) -> tuple[bool, Buffer | None]:
+        """(True, block) if cached (then most recently used), else (False, None)."""
+        if key not in self._blocks:
+            return False, None
+        self._blocks.move_to_end(key)
+        return True, self._blocks[key]
+
+    def __contains__(self, key: Key) -> bool:
+        return key in self._blocks
+
+    def put(self, key: Key, data: Buffer | None) -> None:
+        """Cache a block, evicting the least recently used ones beyond the budget."""
+        if key in self._blocks:
+            self._bytes -= self._weight(self._blocks.pop(key))
+        self._blocks[key] = data
+        self._bytes += self._weight(data)
+        while self._bytes > self.capacity and len(self._blocks) > 1:
+            _, old = self._blocks.popitem(last=False)
+            self._bytes -= self._weight(old)
+
+    def consumed(self, key: Key) -> None:
+        """A sequential reader has moved past this block: evict it first."""
+        if key in self._blocks:
+            self._blocks.move_to_end(key, last=False)
+
+    def drop(self, owner: int) -> None:
+        """Forget every block of one reader (its image is gone)."""
+        for key in [k for k in self._blocks if k[0] == owner]:
+            self._bytes -= self._weight(self._blocks.pop(key))
+
+    @property
+    def size(self) -> int:
+        """Bytes counted against the budget now."""
+        return self._bytes
 
 
 class BlockReader:
     """Kernel reads of one image of `size` bytes, served from prefetched blocks of `load`."""
 
     def __init__(
-        self, size: int, load: Loader, spawn: Callable[..., None], is_closed: Callable[[], bool]
+        self,
+        size: int,
+        load: Loader,
+        spawn: Callable[..., None],
+        is_closed: Callable[[], bool],
+        cache: BlockCache,
     ) -> None:
         self.size = size
         self._load = load
         self._spawn = spawn
         self._is_closed = is_closed
-        self._blocks: OrderedDict[int, Buffer | None] = OrderedDict()
+        self._cache = cache
+        self._owner = cache.owner()
+        self._blocks = -(-size // BLOCK)
         self._pending: dict[int, trio.Event] = {}
         self._failures: dict[int, VcfsError] = {}
+        self._ahead = 0
+        """Blocks before this one were prefetched already: a request inside the same block as
+        the last one (eight 128 KiB reads per block) skips the prefetch loop."""
         self.bytes_served = 0
 
     async def read(self, offset: int, length: int) -> Buffer:
@@ -160,11 +240,15 @@ class BlockReader:
             hi = min(end, (b + 1) * BLOCK) - b * BLOCK
             # A view, not a copy: pyfuse3 takes any buffer, and blocks are never modified.
             parts.append(zeros(hi - lo) if block is None else memoryview(block)[lo:hi])
+        if first and offset % BLOCK == 0:
+            self._cache.consumed((self._owner, first - 1))
         # Prefetch once the wanted blocks are here, so that the first read of a file does not
         # compete with its own read-ahead; a sequential reader finds later blocks in flight.
-        for b in range(last + 1, min(last + 1 + PREFETCH, -(-self.size // BLOCK))):
-            if b not in self._blocks and b not in self._pending:
-                self._start(b)
+        if last + 1 + PREFETCH > self._ahead or last + 1 < self._ahead - PREFETCH:
+            for b in range(last + 1, min(last + 1 + PREFETCH, self._blocks)):
+                if (self._owner, b) not in self._cache and b not in self._pending:
+                    self._start(b)
+            self._ahead = last + 1 + PREFETCH
         self.bytes_served += end - offset
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
@@ -178,9 +262,9 @@ class BlockReader:
         # A block can be evicted between its arrival and this task waking up (many readers):
         # then it is simply fetched again.
         for _ in range(4):
-            if b in self._blocks:
-                self._blocks.move_to_end(b)
-                return self._blocks[b]
+            found, data = self._cache.get((self._owner, b))
+            if found:
+                return data
             if self._is_closed():
                 break
             event = self._pending.get(b)
@@ -193,11 +277,12 @@ class BlockReader:
 
     async def _fetch(self, b: int) -> None:
         try:
-            data = await self._load(b * BLOCK, min((b + 1) * BLOCK, self.size))
-            if not self._is_closed():
-                self._blocks[b] = data
-                while len(self._blocks) > CACHE_BLOCKS:
-                    self._blocks.popitem(last=False)
+            async with self._cache.loading:
+                if self._is_closed():
+                    return
+                data = await self._load(b * BLOCK, min((b + 1) * BLOCK, self.size))
+                if not self._is_closed():
+                    self._cache.put((self._owner, b), data)
         except VcfsError as e:
             self._failures[b] = e
         except Exception as e:  # noqa: BLE001 - a reader must see EIO, never a dead mount
@@ -208,6 +293,6 @@ class BlockReader:
 
     def close(self) -> None:
         """Drop cached blocks and wake every waiting read (it then fails with EIO)."""
-        self._blocks.clear()
+        self._cache.drop(self._owner)
         for event in self._pending.values():
             event.set()

@@ -14,7 +14,7 @@ import trio
 
 from vcfs.domain import qcow2
 from vcfs.domain.model import Disk
-from vcfs.domain.reader import BlockReader, ExportSource
+from vcfs.domain.reader import BlockCache, BlockReader, ExportSource
 from vcfs.errors import BackendError
 
 DEFAULT_CLUSTER = 65536
@@ -30,6 +30,7 @@ class DiskViews:
         spawn: Callable[..., None],
         incremental: bool,
         backing: str | None,
+        cache: BlockCache,
     ) -> None:
         self.disk = disk
         self.source = source
@@ -37,7 +38,8 @@ class DiskViews:
         self.backing = backing
         """File name an incremental image names as its backing file (the base's image)."""
         self._spawn = spawn
-        self.raw = BlockReader(disk.size, source.load_raw, spawn, lambda: source.closed)
+        self._cache = cache
+        self.raw = BlockReader(disk.size, source.load_raw, spawn, lambda: source.closed, cache)
         self._qcow2: tuple[qcow2.Layout, BlockReader] | None = None
         self._lock = trio.Lock()
 
@@ -54,7 +56,9 @@ class DiskViews:
                 async def load(start: int, end: int) -> bytes:
                     return await qcow2.read(lay, start, end - start, self.source.read_ranges)
 
-                reader = BlockReader(lay.file_size, load, self._spawn, lambda: self.source.closed)
+                reader = BlockReader(
+                    lay.file_size, load, self._spawn, lambda: self.source.closed, self._cache
+                )
                 self._qcow2 = (lay, reader)
             return self._qcow2
 
