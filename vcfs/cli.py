@@ -97,8 +97,8 @@ def parser() -> argparse.ArgumentParser:
                    "faster for images read once)")
     m.add_argument("--image-cache", type=_mebibytes, default=256, metavar="MIB",
                    help="image data vcfs keeps in memory at most, all backup views together "
-                   "(default 256); with 32 blocks of 4 MiB being read, the memory bound of "
-                   "the data path")
+                   "(default 256); the data path holds at most this plus 128 MiB of blocks "
+                   "being read")
     m.add_argument("--log-file", type=Path, metavar="FILE",
                    help="log here too; in the background the only log, unless stderr is the "
                    "journal")

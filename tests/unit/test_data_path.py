@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 
 import pytest
 import trio
 
 from vcfs.domain.extents import MAX_FETCH, Extent, ExtentMap, merge_adjacent
-from vcfs.domain.reader import BLOCK, BlockCache, BlockReader, ExportSource
+from vcfs.domain.reader import BLOCK, BlockCache, BlockReader, ExportSource, Pieces
 from vcfs.errors import BackendError
 
 MiB = 1 << 20
@@ -268,3 +269,24 @@ def test_readers_sharing_a_small_cache_read_right_and_stay_within_it():
 
     trio.run(go)
     assert peak <= 6 * BLOCK
+
+
+def test_pieces_read_like_the_block_they_stand_for():
+    rng = random.Random(7)
+    for _ in range(200):
+        size = rng.randrange(1, 4096)
+        starts = sorted(rng.sample(range(size), rng.randrange(0, min(size, 6) + 1)))
+        block, pieces, kept = bytearray(size), [], []
+        for i, s in enumerate(starts):  # non-overlapping pieces, maybe touching
+            end = starts[i + 1] if i + 1 < len(starts) else size
+            n = rng.randrange(1, end - s + 1)
+            piece = bytes(rng.randrange(1, 256) for _ in range(n))
+            block[s : s + n] = piece
+            pieces.append(piece)
+            kept.append(s)
+        p = Pieces(kept, pieces)
+        assert p.nbytes == sum(len(x) for x in pieces)
+        for _ in range(20):
+            lo = rng.randrange(0, size)
+            hi = rng.randrange(lo + 1, size + 1)
+            assert bytes(p.slice(lo, hi)) == block[lo:hi]

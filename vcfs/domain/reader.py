@@ -7,12 +7,13 @@ raw view (blocks read from the export, zero extents answered from the extent map
 and the synthesized qcow2 view (blocks computed by `qcow2.read`, reading exactly the data
 clusters). Images are immutable, so blocks never go stale. Every reader keeps its blocks in
 one `BlockCache` per mount, so memory is bounded by configuration, not by the number or size
-of the disks: at most `capacity` bytes cached plus `loading` blocks being read.
+of the disks: at most `capacity` bytes cached plus `loading` blocks being read (see LOADING).
 Thread rule: trio tasks; NBD calls run in worker threads bounded by a CapacityLimiter.
 """
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import logging
 from collections import OrderedDict
@@ -35,8 +36,11 @@ PREFETCH = 8
 (scattered 64 KiB clusters: 0.47 → 0.62 of nbdcopy's read rate, measured, against four)."""
 CACHE_BYTES = 256 << 20
 """Image data a mount keeps in memory at most (all readers together; `--image-cache`)."""
-LOADING = 32
-"""Blocks being read at once, all readers together: with the cache, the whole memory bound."""
+LOADING = 16
+"""Blocks being read at once, all readers together. A qcow2 block briefly exists twice (its
+data pieces and the block joined from them), so the data path holds at most
+CACHE_BYTES + 2 * LOADING * BLOCK: 384 MiB by default, whatever the number and size of disks.
+Sixteen keep eight connections busy for two readers; more only raised the memory."""
 HOLE_WEIGHT = 4096
 """What a cached all-zero block (no buffer) counts against the budget: it still takes an entry,
 and a reader walking a 16 TiB hole must not grow the cache without bound."""
@@ -50,6 +54,38 @@ Buffer = bytes | bytearray | memoryview
 """What reads return: anything exposing the buffer protocol (pyfuse3 accepts it)."""
 
 _zeros: dict[int, bytes] = {}
+
+
+class Pieces:
+    """A block that is mostly zeros: its data pieces, at offsets relative to the block.
+
+    Assembling them into one block-sized buffer cost a 4 MiB allocation and fill per 64 KiB
+    extent: on a 1 TiB disk with 2,000 scattered extents, 8 GB of memset per copy.
+    """
+
+    __slots__ = ("starts", "pieces", "nbytes")
+
+    def __init__(self, starts: list[int], pieces: list[Buffer]) -> None:
+        self.starts = starts
+        self.pieces = pieces
+        self.nbytes = sum(len(p) for p in pieces)
+
+    def slice(self, lo: int, hi: int) -> Buffer:
+        """Bytes [lo, hi) of the block: a view where one piece or one gap holds them all."""
+        i = bisect.bisect_right(self.starts, lo) - 1
+        if i >= 0 and hi <= self.starts[i] + len(self.pieces[i]):
+            return memoryview(self.pieces[i])[lo - self.starts[i] : hi - self.starts[i]]
+        j = i + 1
+        if (i < 0 or lo >= self.starts[i] + len(self.pieces[i])) and (
+            j >= len(self.starts) or hi <= self.starts[j]
+        ):
+            return zeros(hi - lo)
+        out = bytearray(hi - lo)
+        for start, piece in zip(self.starts, self.pieces, strict=True):
+            s, t = max(start, lo), min(start + len(piece), hi)
+            if s < t:
+                out[s - lo : t - lo] = memoryview(piece)[s - start : t - start]
+        return out
 
 
 def zeros(n: int) -> bytes:
@@ -107,8 +143,9 @@ class ExportSource:
         self.nbd_bytes += sum(n for _, n in ranges)
         return pieces
 
-    async def load_raw(self, start: int, end: int) -> Buffer | None:
-        """Bytes [start, end) of the raw image; None when they are all zero (no NBD read)."""
+    async def load_raw(self, start: int, end: int) -> Block:
+        """Bytes [start, end) of the raw image: None when all zero, else only the data read
+        from NBD (zero extents are never read)."""
         ranges: list[list[int]] = []
         for e in await self.extents.range(start, end):
             if e.zero:
@@ -123,10 +160,7 @@ class ExportSource:
         pieces = await self.read_ranges(wanted)
         if len(wanted) == 1 and wanted[0] == (start, end - start):
             return pieces[0]  # libnbd's buffer as it is: never written after this
-        block = bytearray(end - start)
-        for (s, n), piece in zip(wanted, pieces, strict=True):
-            block[s - start : s - start + n] = piece
-        return block
+        return Pieces([s - start for s, _ in wanted], pieces)
 
     def close(self) -> None:
         """End all reading: calls in flight or later fail with BackendError (EIO)."""
@@ -136,7 +170,9 @@ class ExportSource:
             self._export = None
 
 
-Loader = Callable[[int, int], Awaitable[Buffer | None]]
+Block = Buffer | Pieces | None
+"""A loaded block: all of it, its data pieces, or None when it reads as zeros."""
+Loader = Callable[[int, int], Awaitable[Block]]
 Key = tuple[int, int]
 
 
@@ -152,19 +188,21 @@ class BlockCache:
         self.capacity = capacity
         self.loading = trio.CapacityLimiter(loading)
         """Held while a block is read: bounds the memory of blocks not yet cached."""
-        self._blocks: OrderedDict[Key, Buffer | None] = OrderedDict()
+        self._blocks: OrderedDict[Key, Block] = OrderedDict()
         self._bytes = 0
         self._owners = itertools.count(1)
 
     @staticmethod
-    def _weight(data: Buffer | None) -> int:
-        return HOLE_WEIGHT if data is None else max(len(data), HOLE_WEIGHT)
+    def _weight(data: Block) -> int:
+        if data is None:
+            return HOLE_WEIGHT
+        return max(data.nbytes if isinstance(data, Pieces) else len(data), HOLE_WEIGHT)
 
     def owner(self) -> int:
         """A new reader's key prefix (never reused, unlike id())."""
         return next(self._owners)
 
-    def get(self, key: Key) -> tuple[bool, Buffer | None]:
+    def get(self, key: Key) -> tuple[bool, Block]:
         """(True, block) if cached (then most recently used), else (False, None)."""
         if key not in self._blocks:
             return False, None
@@ -174,7 +212,7 @@ class BlockCache:
     def __contains__(self, key: Key) -> bool:
         return key in self._blocks
 
-    def put(self, key: Key, data: Buffer | None) -> None:
+    def put(self, key: Key, data: Block) -> None:
         """Cache a block, evicting the least recently used ones beyond the budget."""
         if key in self._blocks:
             self._bytes -= self._weight(self._blocks.pop(key))
@@ -223,6 +261,8 @@ class BlockReader:
         self._ahead = 0
         """Blocks before this one were prefetched already: a request inside the same block as
         the last one (eight 128 KiB reads per block) skips the prefetch loop."""
+        self._next = 0
+        """Where the last read ended: a read starting there is sequential."""
         self.bytes_served = 0
 
     async def read(self, offset: int, length: int) -> Buffer:
@@ -239,12 +279,24 @@ class BlockReader:
             lo = max(offset, b * BLOCK) - b * BLOCK
             hi = min(end, (b + 1) * BLOCK) - b * BLOCK
             # A view, not a copy: pyfuse3 takes any buffer, and blocks are never modified.
-            parts.append(zeros(hi - lo) if block is None else memoryview(block)[lo:hi])
+            if block is None:
+                parts.append(zeros(hi - lo))
+            elif isinstance(block, Pieces):
+                parts.append(block.slice(lo, hi))
+            else:
+                parts.append(memoryview(block)[lo:hi])
         if first and offset % BLOCK == 0:
             self._cache.consumed((self._owner, first - 1))
         # Prefetch once the wanted blocks are here, so that the first read of a file does not
         # compete with its own read-ahead; a sequential reader finds later blocks in flight.
-        if last + 1 + PREFETCH > self._ahead or last + 1 < self._ahead - PREFETCH:
+        # A reader that jumps (cp from one SEEK_DATA to the next, qemu-img's metadata reads)
+        # gets none: 2,000 scattered extents of a 1 TiB disk would each start eight loads of
+        # blocks nobody reads (cp: 4.3 s against 1.7 s, measured).
+        sequential = offset == self._next
+        self._next = end
+        if not sequential:
+            self._ahead = 0
+        elif last + 1 + PREFETCH > self._ahead:
             for b in range(last + 1, min(last + 1 + PREFETCH, self._blocks)):
                 if (self._owner, b) not in self._cache and b not in self._pending:
                     self._start(b)
@@ -258,7 +310,7 @@ class BlockReader:
         self._spawn(self._fetch, b)
         return event
 
-    async def _block(self, b: int) -> Buffer | None:
+    async def _block(self, b: int) -> Block:
         # A block can be evicted between its arrival and this task waking up (many readers):
         # then it is simply fetched again.
         for _ in range(4):
