@@ -4,7 +4,7 @@ For a 4 GiB qcow2 disk holding 1 GiB of data - once in four 256 MiB runs, once i
 scattered over the whole disk - begin one pull backup, then alternately copy the point-in-time
 image to a file with `cp disks/vda` and `cp disks/vda.qcow2` (through vcfs) and with `nbdcopy`
 straight from the export vcfs's backup created; and, to separate reading from writing, read
-`disks/vda.qcow2` into /dev/null with dd against `nbdcopy … null:`.
+`disks/vda.qcow2` into /dev/null with cat against `nbdcopy … null:`.
 Caches are dropped before every run. Prints each run, the medians, the
 ratio of throughputs (nbdcopy time / cp time: 1.0 means as fast as nbdcopy), and the time from
 `new` to the first byte readable, next to libvirt's 59 ms `backup-begin` (which reads nothing).
@@ -111,8 +111,8 @@ def run_layout(layout: str, rounds: int, base: Path) -> None:
             cp_times, qcow_times, nbd_times, dd_times, null_times = [], [], [], [], []
             for _ in range(rounds):
                 # Reading alone, no file written: where vcfs's own time goes.
-                dd_times.append(timed(["dd", f"if={dom / 'backups/b/disks/vda.qcow2'}",
-                                       "of=/dev/null", "bs=1M"]))
+                dd_times.append(timed(["sh", "-c",
+                                       f"cat {dom / 'backups/b/disks/vda.qcow2'} >/dev/null"]))
                 null_times.append(timed(["nbdcopy", uri, "null:"]))
                 cp_times.append(timed(["cp", str(dom / "backups/b/disks/vda"), str(out)]))
                 out.unlink()
@@ -135,13 +135,13 @@ def run_layout(layout: str, rounds: int, base: Path) -> None:
     print("  cp vda.qcow2 : " + "  ".join(f"{t:6.2f}s" for t in qcow_times)
           + f"   median {qc:.2f} s")
     dd, null = median(dd_times), median(null_times)
-    print(f"  read only: dd vda.qcow2 to /dev/null {dd:.2f} s, nbdcopy to null: {null:.2f} s"
-          f" -> ratio {null / dd:.2f} (data bytes alike: the qcow2 view holds no holes)")
-    print(f"  throughput ratio vcfs raw/nbdcopy:   {nc / cp:.2f}  (goal >= 0.8)")
-    print(f"  throughput ratio vcfs qcow2/nbdcopy: {nc / qc:.2f}  (goal >= 1.0)")
+    print(f"  read only: cat vda.qcow2 > /dev/null {dd:.2f} s, nbdcopy to null: {null:.2f} s"
+          f" -> ratio {null / dd:.2f} (goal >= 1.0; the qcow2 view holds no holes)")
+    print(f"  throughput ratio cp raw/nbdcopy:   {nc / cp:.2f}  (goal >= 0.8)")
+    print(f"  throughput ratio cp qcow2/nbdcopy: {nc / qc:.2f}  (goal >= 0.8)")
     for dirty, seconds, nbd_bytes, size in incremental:
         print(f"  incremental, {dirty // MiB} MiB dirty: cp vda.qcow2 {seconds:.2f} s, "
-              f"read from NBD {nbd_bytes / dirty:.3f} x dirty (goal <= 1.02), "
+              f"read from NBD {nbd_bytes / dirty:.3f} x dirty (goal 1.000), "
               f"image {size / MiB:.1f} MiB")
     print(f"  new -> first byte: median {median(fb):.1f} ms (min {min(fb):.1f}) over {len(fb)}"
           f"   [libvirt backup-begin alone: {LIBVIRT_BACKUP_BEGIN_MS:.0f} ms]")

@@ -352,7 +352,7 @@ Buffer = bytes | bytearray | memoryview
 ReadGuest = Callable[[Sequence[tuple[int, int]]], Awaitable[Sequence[Buffer]]]
 
 
-async def read(lay: Layout, offset: int, length: int, read_guest: ReadGuest) -> bytes:
+async def read(lay: Layout, offset: int, length: int, read_guest: ReadGuest) -> Buffer:
     """Bytes [offset, offset+length) of the image file.
 
     Data comes from `read_guest`, called once with every guest range needed: consecutive data
@@ -380,9 +380,12 @@ async def read(lay: Layout, offset: int, length: int, read_guest: ReadGuest) -> 
         if exists:
             parts.append(len(ranges))
             ranges.append((guest, exists))
-        parts.append(b"\0" * (run_end - pos - exists))
+        if run_end - pos > exists:
+            parts.append(b"\0" * (run_end - pos - exists))
         pos = run_end
     pieces = await read_guest(ranges) if ranges else []
+    if len(parts) == 1 and isinstance(parts[0], int):
+        return pieces[0]  # one guest range, as read: no copy of a whole block
     return b"".join(pieces[p] if isinstance(p, int) else p for p in parts)
 
 

@@ -289,10 +289,11 @@ class BlockReader:
             self._cache.consumed((self._owner, first - 1))
         # Prefetch once the wanted blocks are here, so that the first read of a file does not
         # compete with its own read-ahead; a sequential reader finds later blocks in flight.
-        # A reader that jumps (cp from one SEEK_DATA to the next, qemu-img's metadata reads)
-        # gets none: 2,000 scattered extents of a 1 TiB disk would each start eight loads of
-        # blocks nobody reads (cp: 4.3 s against 1.7 s, measured).
-        sequential = offset == self._next
+        # A reader that moves forward by less than the prefetch window counts as sequential
+        # (cp skipping short holes with SEEK_DATA). One that jumps further or backwards
+        # (cp between the 2,000 scattered extents of a 1 TiB disk, qemu-img's metadata reads)
+        # gets none: it would start eight loads of blocks nobody reads (4.3 s against 1.7 s).
+        sequential = self._next <= offset < self._next + PREFETCH * BLOCK
         self._next = end
         if not sequential:
             self._ahead = 0
