@@ -619,7 +619,8 @@ def run_demo(mountpoint: Path) -> int:
     backup.mkdir()
     status = 0
     # A `kill` or a closed terminal ends the demo like Ctrl-C: cleaned up, nothing left running.
-    for signum in (signal.SIGTERM, signal.SIGHUP):
+    # SIGINT too, explicitly: started in the background by a script, it would come ignored.
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, _interrupt)
     try:
         print("starting demo VMs …", flush=True)
