@@ -198,7 +198,8 @@ TREE: tuple[TreeEntry, ...] = (
         "pull: the raw point-in-time image",
         "the disk as it was when the job began, while the guest keeps writing; reads go to "
         "QEMU's NBD export, zero extents never do. Its size is the virtual size, its blocks "
-        "the allocated bytes, so `cp` makes a sparse copy.",
+        "the allocated bytes, and `lseek(SEEK_DATA/SEEK_HOLE)` answers from the extents, so "
+        "`cp` and `tar --sparse` copy only the data and make a sparse copy.",
         "",
         "EIO: QEMU or the export failed, or the job ended.",
     ),
@@ -216,6 +217,24 @@ TREE: tuple[TreeEntry, ...] = (
         "a JSON list of `{\"start\", \"length\", \"zero\", \"dirty\"}` objects covering the "
         "disk (ovirt-imageio's schema), adjacent equal extents merged; in a full job every "
         "non-zero extent is dirty.",
+        "",
+        "EIO: as for the raw image.",
+    ),
+    TreeEntry(
+        "<dom>/backups/<id>/disks/<disk>.sha256", FILE, 0o444,
+        "pull: the raw image's sha256",
+        "one `sha256sum` line naming `<disk>`: so `cp` of both, then `sha256sum -c`, proves "
+        "the copy. Taken while a reader streams the image from start to end (holes skipped "
+        "with SEEK_DATA count as zeros) at no extra read; if none has, reading this file "
+        "reads the image once.",
+        "",
+        "EIO: as for the raw image.",
+    ),
+    TreeEntry(
+        "<dom>/backups/<id>/disks/<disk>.qcow2.sha256", FILE, 0o444,
+        "pull: the qcow2 image's sha256",
+        "as `<disk>.sha256`, for `<disk>.qcow2`, naming it as it is saved: "
+        "`<disk>-<checkpoint>.qcow2` when the job creates a checkpoint, else `<disk>.qcow2`.",
         "",
         "EIO: as for the raw image.",
     ),

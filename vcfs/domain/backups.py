@@ -569,8 +569,11 @@ class BackupService:
             # Naming convention of incremental images: the base's image is saved next to it
             # as <disk>-<checkpoint>.qcow2 (README, scripts/vcfs-backup).
             backing = f"{d.target}-{d.incremental}.qcow2" if d.incremental else None
+            # ... and the image of the backup that creates checkpoint X as <disk>-X.qcow2.
+            saved = f"{d.target}-{job.checkpoint}.qcow2" if job.checkpoint else None
             d.views = DiskViews(
-                d.disk, source, self._domain.spawn, bool(d.incremental), backing, self._cache
+                d.disk, source, self._domain.spawn, bool(d.incremental), backing, self._cache,
+                saved,
             )
 
     async def _start_server(self, job: BackupJob, undo: Undo) -> None:

@@ -173,6 +173,21 @@ class ExtentMap:
             pos = span.end
         return None if data or offset >= self.size else self.size
 
+    def known_zero(self, start: int, end: int) -> bool:
+        """Whether [start, end) is already described, and reads as zeros (no fetch)."""
+        pos = start
+        while pos < end:
+            span = self._find(pos)
+            if span is None:
+                return False
+            i = bisect.bisect_right(span.starts, pos) - 1
+            while i < len(span.extents) and pos < end:
+                if not span.extents[i].zero:
+                    return False
+                pos = span.extents[i].end
+                i += 1
+        return True
+
     def known(self) -> list[Extent] | None:
         """Every extent, if the whole image has been described; else None."""
         if self._covered < self.size:

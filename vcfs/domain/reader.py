@@ -263,6 +263,8 @@ class BlockReader:
         the last one (eight 128 KiB reads per block) skips the prefetch loop."""
         self._next = 0
         """Where the last read ended: a read starting there is sequential."""
+        self.observe: Callable[[int, Buffer], None] | None = None
+        """Sees every read served, in order of service (the view's StreamDigest)."""
         self.bytes_served = 0
 
     async def read(self, offset: int, length: int) -> Buffer:
@@ -303,7 +305,10 @@ class BlockReader:
                     self._start(b)
             self._ahead = last + 1 + PREFETCH
         self.bytes_served += end - offset
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        data = parts[0] if len(parts) == 1 else b"".join(parts)
+        if self.observe is not None:
+            self.observe(offset, data)
+        return data
 
     def _start(self, b: int) -> trio.Event:
         self._failures.pop(b, None)  # a new attempt: forget the last failure

@@ -1,7 +1,9 @@
-"""The files of one disk of a pull backup: the raw image, a synthesized qcow2, the extent map.
+"""The files of one disk of a pull backup: the raw image, a synthesized qcow2, the extent map,
+and a sha256 of each image.
 
-All three read the same NBD export. The qcow2 view's layout needs the whole extent map, so it
-is computed on first use (a few block-status round trips), then fixed for the job's life.
+All read the same NBD export. The qcow2 view's layout needs the whole extent map, so it is
+computed on first use (a few block-status round trips), then fixed for the job's life. Each
+image's checksum is taken while a reader streams it (see `checksum.StreamDigest`).
 Thread rule: trio tasks only.
 """
 
@@ -13,6 +15,7 @@ from collections.abc import Callable
 import trio
 
 from vcfs.domain import qcow2
+from vcfs.domain.checksum import StreamDigest, line_size, sha256sum_line
 from vcfs.domain.model import Disk
 from vcfs.domain.reader import BlockCache, BlockReader, ExportSource
 from vcfs.errors import BackendError
@@ -31,6 +34,7 @@ class DiskViews:
         incremental: bool,
         backing: str | None,
         cache: BlockCache,
+        saved_name: str | None = None,
     ) -> None:
         self.disk = disk
         self.source = source
@@ -40,11 +44,22 @@ class DiskViews:
         self._spawn = spawn
         self._cache = cache
         self.raw = BlockReader(disk.size, source.load_raw, spawn, lambda: source.closed, cache)
-        self._qcow2: tuple[qcow2.Layout, BlockReader] | None = None
+        self.raw_digest = StreamDigest(
+            disk.size, spawn, source.extents.known_zero,
+            lambda pos: source.extents.seek(pos, True),
+        )
+        self.raw.observe = self.raw_digest.observe
+        self.qcow2_name = saved_name or f"{disk.target}.qcow2"
+        """The qcow2 image's name as saved (the naming convention), in its checksum line."""
+        self._qcow2: tuple[qcow2.Layout, BlockReader, StreamDigest] | None = None
         self._lock = trio.Lock()
 
     async def qcow2(self) -> tuple[qcow2.Layout, BlockReader]:
         """The synthesized image's layout and reader (computed once)."""
+        lay, reader, _ = await self._qcow2_views()
+        return lay, reader
+
+    async def _qcow2_views(self) -> tuple[qcow2.Layout, BlockReader, StreamDigest]:
         async with self._lock:
             if self._qcow2 is None:
                 cs = self.disk.cluster_size or DEFAULT_CLUSTER
@@ -59,8 +74,31 @@ class DiskViews:
                 reader = BlockReader(
                     lay.file_size, load, self._spawn, lambda: self.source.closed, self._cache
                 )
-                self._qcow2 = (lay, reader)
+                digest = StreamDigest(lay.file_size, self._spawn)  # no holes: all read
+                reader.observe = digest.observe
+                self._qcow2 = (lay, reader, digest)
             return self._qcow2
+
+    @property
+    def raw_sha256_size(self) -> int:
+        """The raw image's checksum line's length, known before its digest."""
+        return line_size(self.disk.target)
+
+    @property
+    def qcow2_sha256_size(self) -> int:
+        """The qcow2 image's checksum line's length, known before its digest."""
+        return line_size(self.qcow2_name)
+
+    async def raw_sha256(self) -> bytes:
+        """`sha256sum` of the raw image: at once after one whole sequential read (holes
+        skipped by SEEK_DATA count as zeros), else by reading the rest of it now."""
+        digest = await self.raw_digest.digest(self.raw.read)
+        return sha256sum_line(digest, self.disk.target)
+
+    async def qcow2_sha256(self) -> bytes:
+        """`sha256sum` of the qcow2 image, named as saved (see `raw_sha256`)."""
+        _, reader, stream = await self._qcow2_views()
+        return sha256sum_line(await stream.digest(reader.read), self.qcow2_name)
 
     async def map_json(self) -> bytes:
         """The extent map in ovirt-imageio's schema, adjacent equal extents merged.
@@ -107,5 +145,7 @@ class DiskViews:
         """End all reading: every waiting or later read fails with EIO."""
         self.source.close()
         self.raw.close()
+        self.raw_digest.close()
         if self._qcow2:
             self._qcow2[1].close()
+            self._qcow2[2].close()

@@ -116,7 +116,7 @@ class Operations(pyfuse3.Operations):
         reads by `fstat`, which must agree with what that handle reads even if the content
         (status, errors) changed since. Anyone else gets a fresh rendering, as `open` makes.
         """
-        if not isinstance(node, ReadFile):
+        if not isinstance(node, ReadFile) or node.size is not None:
             return None
         for fh in sorted(self._handles, reverse=True):  # the newest handle first
             h = self._handles[fh]
@@ -152,9 +152,10 @@ class Operations(pyfuse3.Operations):
             attr.st_size = node.size
             # The allocated size, so that `cp` makes a sparse copy.
             attr.st_blocks = -(-node.allocated() // 512)
-        elif content is not None:
-            attr.st_size = len(content)
-            attr.st_blocks = -(-len(content) // 512)  # all data: no tool takes it for sparse
+        elif isinstance(node, ReadFile) and (content is not None or node.size is not None):
+            size = node.size if node.size is not None else len(content or b"")
+            attr.st_size = size
+            attr.st_blocks = -(-size // 512)  # all data: no tool takes it for sparse
         # cp and rsync size their reads by st_blksize: 1 MiB reads cost a quarter of the
         # per-request overhead of 256 KiB ones.
         attr.st_blksize = IMAGE_BLKSIZE if isinstance(node, ImageFile) else 4096

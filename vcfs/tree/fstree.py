@@ -204,7 +204,8 @@ class BackupDir(Dir):
 
 class DisksDir(Dir):
     """`<dom>/backups/<id>/disks/`: per disk of a pull backup, `<disk>` (the raw
-    point-in-time image), `<disk>.qcow2` (synthesized) and `<disk>.map` (extents, JSON)."""
+    point-in-time image), `<disk>.qcow2` (synthesized), `<disk>.map` (extents, JSON), and
+    `<disk>.sha256` / `<disk>.qcow2.sha256` (each image's checksum, sha256sum format)."""
 
     def __init__(self, job: BackupJob, mtime: float) -> None:
         super().__init__(mtime)
@@ -215,11 +216,13 @@ class DisksDir(Dir):
             f"{d.target}{suffix}"
             for d in self.job.disks
             if d.views is not None
-            for suffix in ("", ".qcow2", ".map")
+            for suffix in ("", ".qcow2", ".map", ".sha256", ".qcow2.sha256")
         ]
 
     async def child(self, name: str) -> Node | None:
-        kind = next((k for k in ("qcow2", "map") if name.endswith(f".{k}")), "")
+        kind = next(
+            (k for k in ("qcow2.sha256", "sha256", "qcow2", "map") if name.endswith(f".{k}")), ""
+        )
         target = name[: -len(kind) - 1] if kind else name
         d = self.job.disk(target)
         if d is None or d.views is None:
@@ -234,6 +237,10 @@ class DisksDir(Dir):
             return ImageFile(layout.file_size, reader.read, lambda: layout.file_size, self.mtime)
         if kind == "map":
             return ReadFile(views.map_json, self.mtime)
+        if kind == "sha256":
+            return ReadFile(views.raw_sha256, self.mtime, size=views.raw_sha256_size)
+        if kind == "qcow2.sha256":
+            return ReadFile(views.qcow2_sha256, self.mtime, size=views.qcow2_sha256_size)
         return None
 
 

@@ -58,11 +58,22 @@ class Dir(Node):
 
 
 class ReadFile(Node):
-    """A read-only file whose content is rendered when it is opened."""
+    """A read-only file whose content is rendered when it is opened.
 
-    def __init__(self, render: Callable[[], Awaitable[bytes]], mtime: float, mode: int = 0o444):
+    `size`, when given, is the length every rendering has: `stat` then need not render (a
+    checksum file whose rendering may read a whole disk image).
+    """
+
+    def __init__(
+        self,
+        render: Callable[[], Awaitable[bytes]],
+        mtime: float,
+        mode: int = 0o444,
+        size: int | None = None,
+    ):
         super().__init__(Kind.FILE, mode, mtime)
         self.render = render
+        self.size = size
 
 
 class ControlFile(Node):
