@@ -1,7 +1,7 @@
 """`vcfs status` and `vcfs wait`: watching a mount the way a user would, by reading its files.
 
 Nothing here talks to QEMU or to the vcfs process: a domain is a directory, a job's progress is
-its `status` file (`state:`, `mode:`, `disk <name>: <done>/<total>`, `nbd-read:`, `error:`).
+its `status` file (format and parser: `vcfs.domain.status`, shared with the writer).
 Push jobs' progress is QEMU's; pull jobs' is the bytes read through `disks/`. Rates and times
 left are computed here from successive reads.
 
@@ -19,63 +19,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-RUNNING, COMPLETED = "running", "completed"
-CONTROL = {"new", "redefine", "current", "latest"}
+from vcfs.domain.names import RESERVED
+from vcfs.domain.status import COMPLETED, RUNNING, JobStatus, parse
+
 RATE_WINDOW = 5.0
 """Seconds of samples the rate is averaged over."""
 BAR = 24
-
-
-@dataclass
-class DiskProgress:
-    """One `disk <name>: <done>/<total>` line."""
-
-    name: str
-    done: int
-    total: int
-
-
-@dataclass
-class JobStatus:
-    """A parsed `status` file."""
-
-    state: str
-    mode: str
-    disks: list[DiskProgress] = field(default_factory=list)
-    nbd_read: int | None = None
-    error: str | None = None
 
 
 class NotABackup(Exception):
     """The path is not a backup job's directory."""
 
 
-def parse_status(text: str) -> JobStatus:
-    """A `status` file's content; ValueError if it is not one."""
-    st = JobStatus(state="", mode="")
-    for line in text.splitlines():
-        key, sep, value = line.partition(": ")
-        if not sep:
-            continue
-        if key == "state":
-            st.state = value
-        elif key == "mode":
-            st.mode = value
-        elif key.startswith("disk "):
-            done, _, total = value.partition("/")
-            st.disks.append(DiskProgress(key[5:], int(done), int(total or 0)))
-        elif key == "nbd-read":
-            st.nbd_read = int(value)
-        elif key == "error":
-            st.error = value
-    if not st.state:
-        raise ValueError("no state: line")
-    return st
-
-
 def read_status(job: Path) -> JobStatus:
     """The status of the job whose directory is `job` (OSError, ValueError)."""
-    return parse_status((job / "status").read_text())
+    return parse((job / "status").read_text())
 
 
 # ---- finding things ---------------------------------------------------------------------------
@@ -122,7 +80,7 @@ def domain_dirs(path: Path) -> list[Path]:
 
 def job_dirs(dom: Path) -> list[Path]:
     """A domain's backup job directories, in numeric order where ids are numbers."""
-    names = [n for n in os.listdir(dom / "backups") if n not in CONTROL]
+    names = [n for n in os.listdir(dom / "backups") if n not in RESERVED]
     names.sort(key=lambda n: (not n.isdigit(), int(n) if n.isdigit() else 0, n))
     return [dom / "backups" / n for n in names]
 
@@ -159,7 +117,7 @@ def bar(done: int, total: int, width: int = BAR) -> str:
 
 def checkpoint_line(dom: Path) -> str:
     cps = dom / "checkpoints"
-    names = sorted(n for n in os.listdir(cps) if n not in CONTROL)
+    names = sorted(n for n in os.listdir(cps) if n not in RESERVED)
     if not names:
         return "checkpoints: none"
     current = os.readlink(cps / "current") if os.path.lexists(cps / "current") else None

@@ -178,18 +178,6 @@ def test_stderr_is_the_journal_only_when_journal_stream_names_it(tmp_path, journ
 # --- status files and formatting -------------------------------------------------------------
 
 
-def test_parse_status_reads_every_key():
-    st = tools.parse_status("state: failed\nmode: push\ndisk vda: 10/20\ndisk vdb: 0/5\n"
-                            "error: disk vda: No space left on device\n")
-    assert (st.state, st.mode, st.error) == ("failed", "push",
-                                             "disk vda: No space left on device")
-    assert [(d.name, d.done, d.total) for d in st.disks] == [("vda", 10, 20), ("vdb", 0, 5)]
-    st = tools.parse_status("state: running\nmode: pull\ndisk vda: 3/4\nnbd-read: 7\n")
-    assert st.nbd_read == 7 and st.error is None
-    with pytest.raises(ValueError):
-        tools.parse_status("hello\n")
-
-
 def test_human_sizes_durations_and_bars():
     assert [tools.human(n) for n in (0, 1023, 1536, 64 << 20, 3 << 40)] == [
         "0 B", "1023 B", "1.5 KiB", "64.0 MiB", "3.0 TiB"]

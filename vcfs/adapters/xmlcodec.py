@@ -14,12 +14,12 @@ import re
 from lxml import etree
 
 from vcfs.domain.model import BITMAP, NO, CheckpointDef, CheckpointDisk, DiskRef, DomainInfo
+from vcfs.domain.names import NAME_PATTERN
 from vcfs.errors import InvalidInput, TooLarge
 
 MAX_DOCUMENT = 1 << 20
 """The largest XML document accepted, in bytes."""
 
-_NAME = re.compile(r"[a-zA-Z0-9_-][a-zA-Z0-9_.-]*")
 _UINT = re.compile(r"[0-9]{1,20}")
 _MAX_LONG = (1 << 63) - 1  # creationTime is a C long long in libvirt
 _MAX_ULONG = (1 << 64) - 1
@@ -190,10 +190,8 @@ def _text(el: etree._Element) -> str:
 
 def _name(value: str, what: str) -> str:
     """A checkpoint or bitmap name, checked against libvirt's file-name-safe pattern."""
-    if not _NAME.fullmatch(value):
-        raise InvalidInput(
-            f"invalid {what} {_show(value)}: must match [a-zA-Z0-9_-][a-zA-Z0-9_.-]*"
-        )
+    if not NAME_PATTERN.fullmatch(value):
+        raise InvalidInput(f"invalid {what} {_show(value)}: must match {NAME_PATTERN.pattern}")
     return value
 
 

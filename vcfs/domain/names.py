@@ -1,4 +1,8 @@
-"""Name rules for checkpoints (libvirt's filename-safe pattern plus vcfs's reserved names)."""
+"""Name rules for checkpoints and backup jobs: libvirt's file-name-safe pattern, vcfs's reserved
+names. The one definition: the XML codec, the tree and the client commands use these.
+
+Thread rule: pure functions, any thread.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,12 @@ import re
 from vcfs.errors import InvalidInput
 
 NAME_PATTERN = re.compile(r"[a-zA-Z0-9_-][a-zA-Z0-9_.-]*")
-RESERVED = frozenset({"new", "redefine", "current", "latest"})
+"""libvirt's pattern for checkpoint (and bitmap) names: safe as a file name, no leading dot."""
+
+NEW, REDEFINE, CURRENT, LATEST = "new", "redefine", "current", "latest"
+"""The control entries of `checkpoints/` (new, redefine, current) and `backups/` (new, latest)."""
+RESERVED = frozenset({NEW, REDEFINE, CURRENT, LATEST})
+"""Names no checkpoint or job may take: they would hide a control entry, in either directory."""
 MAX_NAME_BYTES = 255
 
 
