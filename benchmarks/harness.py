@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -12,18 +11,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from vcfs.mountinfo import is_mounted
+
 MOUNT_TIMEOUT = 10.0
-
-
-def is_mounted(path: Path) -> bool:
-    """Whether `path` is a mount point, per /proc/self/mountinfo (never stats the mount)."""
-    target = os.path.join(os.path.realpath(path.parent), path.name)
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            mount_point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), line.split()[4])
-            if mount_point == target:
-                return True
-    return False
 
 
 @contextlib.contextmanager

@@ -10,7 +10,6 @@ Threading rule: everything here is synchronous and runs in pytest's main thread.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -23,6 +22,7 @@ import pytest
 
 from tests import conformance
 from vcfs.demo import VM, DiskSpec
+from vcfs.mountinfo import is_mounted
 
 INTEGRATION_DIR = Path(__file__).parent / "integration"
 MOUNT_TIMEOUT = 10.0
@@ -172,24 +172,6 @@ def vm(vm_factory: Callable[..., VM]) -> VM:
 
 
 # --- vcfs mounts -------------------------------------------------------------------------------
-
-
-def is_mounted(path: str | os.PathLike[str]) -> bool:
-    """Whether `path` is a mount point, per /proc/self/mountinfo.
-
-    Unlike os.path.ismount this never stats the mount, so it cannot hang on a stuck vcfs and
-    still sees a mount whose vcfs process died ("Transport endpoint is not connected").
-    """
-    # Resolve only the parent: resolving the mount point itself would stat it.
-    path = os.path.abspath(path)
-    target = os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            # mountinfo escapes space, tab, newline and backslash as octal.
-            mount_point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), line.split()[4])
-            if mount_point == target:
-                return True
-    return False
 
 
 class Mount:

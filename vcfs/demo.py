@@ -16,7 +16,6 @@ import atexit
 import contextlib
 import json
 import os
-import re
 import shutil
 import signal
 import socket
@@ -29,6 +28,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from vcfs.mountinfo import is_mounted
 
 QEMU = "qemu-system-x86_64"
 QEMU_IMG = "qemu-img"
@@ -515,16 +516,6 @@ class DemoFailed(Exception):
     """A step of the narrated demo did not do what it shows."""
 
 
-def _mounted(path: Path) -> bool:
-    """Whether `path` is a mount point (per /proc/self/mountinfo: never stats the mount)."""
-    with open("/proc/self/mountinfo") as f:
-        # mountinfo escapes space, tab, newline and backslash as octal.
-        return any(
-            re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), line.split()[4]) == str(path)
-            for line in f
-        )
-
-
 class Narrator:
     """Runs the demo's steps as a user would type them, printing each command and its output.
 
@@ -663,7 +654,7 @@ def _start_vcfs(host_dir: Path, mountpoint: Path, base: Path) -> subprocess.Pope
             start_new_session=True,
         )
     deadline = time.monotonic() + 30
-    while not _mounted(mountpoint):
+    while not is_mounted(mountpoint):
         if vcfs.poll() is not None or time.monotonic() > deadline:
             _stop_vcfs(vcfs, mountpoint)
             raise DemoFailed(f"vcfs did not mount {mountpoint}:\n{log.read_text()}")
@@ -680,5 +671,5 @@ def _stop_vcfs(vcfs: subprocess.Popen[bytes], mountpoint: Path) -> None:
         except subprocess.TimeoutExpired:
             vcfs.kill()
             vcfs.wait()
-    if _mounted(mountpoint):
+    if is_mounted(mountpoint):
         subprocess.run(["fusermount3", "-uz", str(mountpoint)], capture_output=True)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
+from vcfs import mountinfo
 from vcfs.domain.names import RESERVED
 from vcfs.domain.status import COMPLETED, RUNNING, JobStatus, parse
 
@@ -39,32 +40,9 @@ def read_status(job: Path) -> JobStatus:
 # ---- finding things ---------------------------------------------------------------------------
 
 
-def vcfs_mounts(mountinfo: str = "/proc/self/mountinfo") -> list[Path]:
+def vcfs_mounts(path: str = mountinfo.MOUNTINFO) -> list[Path]:
     """Mount points of every vcfs mount (filesystem type fuse.vcfs)."""
-    found = []
-    with open(mountinfo) as f:
-        for line in f:
-            fields = line.split()
-            try:
-                fstype = fields[fields.index("-") + 1]
-            except (ValueError, IndexError):
-                continue
-            if fstype == "fuse.vcfs":
-                found.append(Path(_unescape(fields[4])))
-    return found
-
-
-def _unescape(field: str) -> str:
-    """mountinfo's octal escapes (space, tab, newline, backslash)."""
-    out, i = [], 0
-    while i < len(field):
-        if field[i] == "\\" and field[i + 1 : i + 4].isdigit():
-            out.append(chr(int(field[i + 1 : i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
+    return [Path(e.mount_point) for e in mountinfo.read(path) if e.fstype == "fuse.vcfs"]
 
 
 def is_domain_dir(path: Path) -> bool:

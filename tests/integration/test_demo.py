@@ -14,8 +14,8 @@ import sys
 import threading
 from pathlib import Path
 
-from tests.conftest import is_mounted
 from vcfs.demo import DEMO_WRITES, GUEST_AFTER_TUESDAY, GUEST_BEFORE_TUESDAY, MON, TUE
+from vcfs.mountinfo import is_mounted
 
 MiB = 1 << 20
 HANG_GUARD = 180.0

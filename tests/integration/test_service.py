@@ -27,9 +27,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import MOUNT_TIMEOUT, Mount, is_mounted
+from tests.conftest import MOUNT_TIMEOUT, Mount
 from tests.integration.test_cli import processes_using, wait_for
+from vcfs import mountinfo
 from vcfs.demo import DiskSpec
+from vcfs.mountinfo import is_mounted
 
 REPO = Path(__file__).resolve().parents[2]
 UNIT = REPO / "packaging/vcfs.service"
@@ -225,15 +227,6 @@ def helper_base(tmp_path: Path) -> Iterator[Path]:
             pass
 
 
-def mountinfo_type(path: Path) -> str | None:
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            if fields[4] == str(path):
-                return fields[fields.index("-") + 1]
-    return None
-
-
 @pytest.mark.parametrize("form", ["type", "legacy", "fstab"])
 def test_mount_helper_mounts_and_umount_ends_it(vm, installed_vcfs, helper_base, form):
     mnt, log = helper_base / "mnt", helper_base / "vcfs.log"
@@ -250,11 +243,10 @@ def test_mount_helper_mounts_and_umount_ends_it(vm, installed_vcfs, helper_base,
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
     assert (r.returncode, r.stderr) == (0, ""), log.exists() and log.read_text()
     # mount(8) returned: the mount is there and serving.
-    assert mountinfo_type(mnt) == "fuse.vcfs"
+    entry = mountinfo.find(mnt)
+    assert entry is not None and entry.fstype == "fuse.vcfs"
     assert os.listdir(mnt) == ["vm1"]
-    with open("/proc/self/mountinfo") as f:
-        flags = next(line.split()[5] for line in f if line.split()[4] == str(mnt))
-    assert "noexec" in flags.split(","), flags  # a FUSE option made it through
+    assert "noexec" in entry.options.split(","), entry  # a FUSE option made it through
     assert len(processes_using(helper_base)) == 1  # the background vcfs
     r = subprocess.run(["umount", str(mnt)], capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr

@@ -9,6 +9,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
+from vcfs import mountinfo
 from vcfs.fs.ops import Operations
 from vcfs.tree.fstree import Tree
 
@@ -19,21 +20,20 @@ READ_AHEAD_KB = 1024
 """The kernel then asks for 1 MiB per read instead of 128 KiB: Python's cost is per request."""
 
 
-def set_read_ahead(mountpoint: Path, kb: int) -> None:
+def set_read_ahead(mountpoint: Path, kb: int, *, mountinfo_path: str = mountinfo.MOUNTINFO,
+                   bdi_dir: str = "/sys/class/bdi") -> None:
     """Raise the read-ahead of the mount's backing device info (root only; best effort).
 
     The device number comes from mountinfo: stat()ing our own mount point here would wait for
-    a FUSE loop that is not running yet.
+    a FUSE loop that is not running yet. (`mountinfo_path` and `bdi_dir` are for tests.)
     """
-    target = str(mountpoint)
     try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                fields = line.split()
-                if fields[4] == target:
-                    with open(f"/sys/class/bdi/{fields[2]}/read_ahead_kb", "w") as ra:
-                        ra.write(f"{kb}\n")
-                    return
+        entry = mountinfo.find(mountpoint, mountinfo_path)
+        if entry is None:
+            log.info("cannot raise read-ahead of %s: not in mountinfo", mountpoint)
+            return
+        with open(f"{bdi_dir}/{entry.device}/read_ahead_kb", "w") as ra:
+            ra.write(f"{kb}\n")
     except OSError as e:
         log.info("cannot raise read-ahead of %s: %s", mountpoint, e)
 
