@@ -7,6 +7,7 @@ import random
 
 import trio
 
+from vcfs.domain import checksum
 from vcfs.domain.checksum import QUEUE, StreamDigest, line_size, sha256sum_line
 
 MiB = 1 << 20
@@ -147,3 +148,27 @@ def test_the_line_is_sha256sum_s_and_its_size_known_before_the_digest():
     line = sha256sum_line("ab" * 32, "vda-mon.qcow2")
     assert line == ("ab" * 32 + "  vda-mon.qcow2\n").encode()
     assert line_size("vda-mon.qcow2") == len(line)
+
+
+def test_a_stream_gives_up_rather_than_hash_more_zeros_than_its_budget(monkeypatch):
+    monkeypatch.setattr(checksum, "ZERO_BUDGET", MiB)
+    data = bytearray(8 * MiB)
+    data[:4096] = b"\1" * 4096
+    data[-4096:] = b"\2" * 4096
+    data = bytes(data)
+
+    async def go() -> None:
+        async with trio.open_nursery() as nursery:
+            view = View(data)
+            d = StreamDigest(len(data), nursery.start_soon, view.zero, view.next_data)
+            view.digest = d
+            await view.read(0, 4096)  # cp: the first extent, SEEK_DATA, the last one
+            await view.read(len(data) - 4096, 4096)
+            await trio.sleep(0.05)
+            assert d.hexdigest is None  # 8 MiB of zeros were not hashed behind cp's back
+            assert await d.digest(view.read) == hashlib.sha256(data).hexdigest()  # when asked
+            # It read from each data start (a chunk at a time), never through the long hole.
+            assert view.served <= 2 * 4096 + 2 * checksum.CHUNK
+            d.close()
+
+    trio.run(go)
