@@ -1,50 +1,30 @@
-"""Command line: `vcfs mount|umount|status|wait|man|demo`, the mount helper form; logging; exit
-codes.
+"""Command line: parse `vcfs mount|umount|status|wait|man|demo` (or the mount helper form `vcfs
+HOST MOUNTPOINT -o OPTIONS`) and dispatch to the module that does the work; exit codes.
 
-Start-up errors are one line on stderr and exit status 1. Without `-f`, `mount` forks, and the
-parent exits only once the child reports the mount ready (or failed), so scripts can use the
-mount right after the command returns.
+- `mount`, `umount`: vcfs.launch (checks, foreground or daemon); the helper form is first
+  translated by vcfs.mounthelper.
+- `status`, `wait`: vcfs.client, which reads a mount like any user.
+- `man`: vcfs.manpage, rendered from `parser()`. `demo`: vcfs.demo.
 
-`vcfs HOST MOUNTPOINT -o OPTIONS` (no subcommand) is how mount.fuse3 runs vcfs for
-`mount -t fuse.vcfs` and /etc/fstab: it is translated into `vcfs mount` (`helper_argv`).
+Start-up errors are one line on stderr and exit status 1; Ctrl-C is 130. None of these modules
+imports trio or pyfuse3 when imported (launch does when a mount starts), so the commands that
+need no mount start fast and the manual page renders without them.
 
-The mount machinery (trio, pyfuse3) is imported only by `mount`, so the other commands start
-fast and the manual page renders without it.
+Thread rule: the main thread of the `vcfs` process.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import os
-import subprocess
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
 
-from vcfs import __version__
-
-if TYPE_CHECKING:
-    from vcfs.app import Config
-
-log = logging.getLogger("vcfs")
+from vcfs import __version__, client, demo, launch, manpage
+from vcfs.launch import StartError
+from vcfs.mounthelper import HelperError, helper_argv, is_helper_form
 
 SUBCOMMANDS = ("mount", "umount", "status", "wait", "man", "demo")
-
-MOUNT_ONLY_OPTIONS = frozenset({
-    "rw", "dev", "suid", "exec", "auto", "noauto", "user", "nouser", "users", "owner",
-    "group", "defaults", "_netdev", "nofail",
-})
-"""Options mount(8) and fstab pass along that mean nothing to a FUSE filesystem."""
-MOUNT_ONLY_PREFIXES = ("x-", "X-", "comment=")
-VALUE_OPTIONS = {"state_dir": "--state-dir", "runtime_dir": "--runtime-dir",
-                 "log_file": "--log-file", "tls_x509_dir": "--tls-x509-dir",
-                 "image_cache": "--image-cache"}
-FLAG_OPTIONS = {"cache_images": "--cache-images", "debug": "--debug"}
-
-TIMESTAMPED = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-SYSLOG_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
-                   logging.CRITICAL: 2}
 
 
 def default_dirs() -> tuple[Path, Path]:
@@ -147,121 +127,6 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-# ---- the mount helper form ----------------------------------------------------------------
-
-
-class StartError(Exception):
-    """A start-up problem, reported as one line."""
-
-
-def is_helper_form(argv: list[str]) -> bool:
-    """Whether `argv` is mount.fuse3's `HOST MOUNTPOINT [-o OPTIONS]` rather than a command."""
-    return bool(argv) and argv[0] not in SUBCOMMANDS and not argv[0].startswith("-")
-
-
-class _HelperParser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise StartError(f"{message} (usage: vcfs HOST MOUNTPOINT [-o OPTIONS])")
-
-
-def helper_argv(argv: list[str]) -> list[str]:
-    """`vcfs HOST MOUNTPOINT -o OPTIONS` as the equivalent `vcfs mount` command line.
-
-    mount(8)'s own options are dropped, vcfs's (`state_dir=…`) become flags, the rest are
-    FUSE options. The legacy source form `vcfs#HOST` is accepted.
-    """
-    hp = _HelperParser(prog="vcfs", add_help=False)
-    hp.add_argument("source")
-    hp.add_argument("mountpoint")
-    hp.add_argument("-o", dest="options", action="append", default=[])
-    hp.add_argument("-f", dest="foreground", action="store_true")
-    for flag in ("-n", "-v", "-s"):  # mount(8)'s helper flags: no mtab, verbose, sloppy
-        hp.add_argument(flag, action="store_true")
-    hp.add_argument("-t", dest="type")
-    args = hp.parse_args(argv)
-    source = args.source.removeprefix("vcfs#")
-    out = ["mount"] + (["-f"] if args.foreground else [])
-    fuse: list[str] = []
-    for opt in (o for group in args.options for o in group.split(",") if o):
-        key, eq, value = opt.partition("=")
-        key = key.replace("-", "_")  # state-dir= as well as state_dir=
-        if opt in MOUNT_ONLY_OPTIONS or opt.startswith(MOUNT_ONLY_PREFIXES):
-            continue
-        if key in VALUE_OPTIONS:
-            if not eq or not value:
-                raise StartError(f"option {key} needs a value ({key}=…)")
-            out += [VALUE_OPTIONS[key], value]
-        elif key in FLAG_OPTIONS and not eq:
-            out.append(FLAG_OPTIONS[key])
-        else:
-            fuse.append(opt)
-    if fuse:
-        out += ["-o", ",".join(fuse)]
-    return [*out, "--", source, args.mountpoint]
-
-
-# ---- logging --------------------------------------------------------------------------------
-
-
-def stderr_is_journal() -> bool:
-    """Whether stderr is the journal's stream ($JOURNAL_STREAM names its device and inode)."""
-    value = os.environ.get("JOURNAL_STREAM", "")
-    dev, _, ino = value.partition(":")
-    try:
-        st = os.fstat(2)
-        return bool(value) and (st.st_dev, st.st_ino) == (int(dev), int(ino))
-    except (OSError, ValueError):
-        return False
-
-
-class JournalFormatter(logging.Formatter):
-    """`<6>INFO vcfs.x: message`: journald reads the priority and adds the time itself."""
-
-    def __init__(self) -> None:
-        super().__init__("%(levelname)s %(name)s: %(message)s")
-
-    def format(self, record: logging.LogRecord) -> str:
-        priority = SYSLOG_PRIORITY.get(record.levelno, 6)
-        return f"<{priority}>{super().format(record)}"
-
-
-def setup_logging(debug: bool, log_file: Path | None, to_stderr: bool = True) -> None:
-    """Log to stderr (journal-style when stderr is the journal) and/or a file; each line
-    names the level between spaces."""
-    handlers: list[logging.Handler] = []
-    if to_stderr:
-        handler = logging.StreamHandler()
-        handler.setFormatter(
-            JournalFormatter() if stderr_is_journal() else logging.Formatter(TIMESTAMPED)
-        )
-        handlers.append(handler)
-    if log_file:
-        handler = logging.FileHandler(log_file)
-        handler.setFormatter(logging.Formatter(TIMESTAMPED))
-        handlers.append(handler)
-    root = logging.getLogger()
-    for h in list(root.handlers):
-        root.removeHandler(h)
-    for h in handlers:
-        root.addHandler(h)
-    root.setLevel(logging.DEBUG if debug else logging.INFO)
-
-
-# ---- mount and umount -----------------------------------------------------------------------
-
-
-def check_mount_args(args: argparse.Namespace) -> None:
-    """Refuse early, with one clear line, what would fail obscurely inside libfuse."""
-    if not args.host.is_dir():
-        raise StartError(f"{args.host}: no such host directory")
-    if not args.mountpoint.is_dir():
-        raise StartError(f"{args.mountpoint}: mountpoint is not a directory")
-    if os.path.ismount(args.mountpoint):
-        raise StartError(f"{args.mountpoint}: something is already mounted there")
-    if not os.path.exists("/dev/fuse"):
-        raise StartError("/dev/fuse is missing: load the fuse module or install fuse3")
-
-
 def _mebibytes(text: str) -> int:
     """A positive whole number of MiB (argparse type)."""
     try:
@@ -273,122 +138,28 @@ def _mebibytes(text: str) -> int:
     return value
 
 
-def mount_config(args: argparse.Namespace) -> Config:
-    """The app's configuration from the parsed command line."""
-    from vcfs.app import Config
-
-    options = [o for group in args.options for o in group.split(",") if o]
-    return Config(
-        host_dir=args.host.resolve(),
-        mountpoint=args.mountpoint.resolve(),
-        state_dir=args.state_dir.resolve(),
-        runtime_dir=args.runtime_dir.resolve(),
-        fuse_options=options,
-        cache_images=args.cache_images,
-        image_cache=args.image_cache << 20,
-        tls_dir=args.tls_x509_dir.resolve() if args.tls_x509_dir else None,
-    )
-
-
-def _log_start(config: Config) -> None:
-    log.info("vcfs %s starting: host %s, mountpoint %s, state %s, runtime %s, options %s",
-             __version__, config.host_dir, config.mountpoint, config.state_dir,
-             config.runtime_dir, ",".join(config.fuse_options) or "-")
-
-
-def run_mount(args: argparse.Namespace) -> int:
-    """`vcfs mount`: foreground, or fork and wait for the child's readiness report."""
-    import trio
-
-    from vcfs.app import serve
-
-    check_mount_args(args)
-    config = mount_config(args)
-    if args.foreground:
-        setup_logging(args.debug, args.log_file)
-        _log_start(config)
-        trio.run(serve, config)
-        return 0
-    journal = stderr_is_journal()
-    read_fd, write_fd = os.pipe()
-    if os.fork():
-        os.close(write_fd)
-        with os.fdopen(read_fd, "rb") as pipe:
-            report = pipe.read().decode(errors="replace")
-        if report == "ok":
-            return 0
-        raise StartError(report or "mount failed (see the log)")
-    os.close(read_fd)
-    os.setsid()
-    os.chdir("/")  # do not keep the caller's directory busy
-    null = os.open(os.devnull, os.O_RDWR)
-    # Under systemd (a mount unit running mount(8)) stderr is the journal: keep logging there.
-    for fd in (0, 1) if journal else (0, 1, 2):
-        os.dup2(null, fd)
-    setup_logging(args.debug, args.log_file, to_stderr=journal)
-    _log_start(config)
-    pipe = os.fdopen(write_fd, "wb", buffering=0)
-
-    def ready() -> None:
-        pipe.write(b"ok")
-        pipe.close()
-
-    try:
-        trio.run(serve, config, ready)
-    except BaseException as e:
-        if not pipe.closed:
-            pipe.write(f"mount failed: {e}".encode())
-        log.exception("vcfs stopped")
-        os._exit(1)
-    os._exit(0)
-
-
-def run_umount(args: argparse.Namespace) -> int:
-    """`vcfs umount`: the FUSE unmount helper."""
-    r = subprocess.run(["fusermount3", "-u", str(args.mountpoint)], capture_output=True, text=True)
-    if r.returncode:
-        raise StartError(r.stderr.strip() or f"cannot unmount {args.mountpoint}")
-    return 0
-
-
-def run_man(args: argparse.Namespace) -> int:
-    """`vcfs man`: page through vcfs(1), or print its roff source."""
-    from vcfs.manpage import render
-
-    page = render(parser())
-    if args.roff or not sys.stdout.isatty():
-        sys.stdout.write(page)
-        return 0
-    try:
-        return subprocess.run(["man", "-l", "-"], input=page, text=True).returncode
-    except FileNotFoundError:
-        sys.stdout.write(page)
-        return 0
+# ---- dispatch -------------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `vcfs` console script."""
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        if is_helper_form(argv):
+        if is_helper_form(argv, SUBCOMMANDS):
             argv = helper_argv(argv)
         args = parser().parse_args(argv)
         if args.command == "mount":
-            return run_mount(args)
+            return launch.run_mount(args)
         if args.command == "umount":
-            return run_umount(args)
-        if args.command in ("status", "wait"):
-            from vcfs import tools
-
-            if args.command == "status":
-                return tools.status(args.mountpoint, watch=args.watch, interval=args.interval)
-            return tools.wait(args.backup, interval=args.interval)
+            return launch.run_umount(args)
+        if args.command == "status":
+            return client.status(args.mountpoint, watch=args.watch, interval=args.interval)
+        if args.command == "wait":
+            return client.wait(args.backup, interval=args.interval)
         if args.command == "man":
-            return run_man(args)
-        from vcfs.demo import run_demo
-
-        return run_demo(args.mountpoint)
-    except StartError as e:
+            return manpage.show(manpage.render(parser()), roff=args.roff)
+        return demo.run_demo(args.mountpoint)
+    except (StartError, HelperError) as e:
         print(f"vcfs: {e}", file=sys.stderr)
         return 1
     except RuntimeError as e:  # libfuse's mount failures

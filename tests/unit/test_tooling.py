@@ -20,15 +20,15 @@ from pathlib import Path
 
 import pytest
 
-from vcfs import __version__, manpage, notify, tools
-from vcfs.cli import (
-    JournalFormatter,
-    StartError,
-    helper_argv,
-    is_helper_form,
-    main,
-    parser,
-)
+from vcfs import __version__, client, manpage, notify, treedoc
+from vcfs.cli import SUBCOMMANDS, main, parser
+from vcfs.logsetup import JournalFormatter
+from vcfs.mounthelper import HelperError, helper_argv
+from vcfs.mounthelper import is_helper_form as helper_form
+
+
+def is_helper_form(argv: list[str]) -> bool:
+    return helper_form(argv, SUBCOMMANDS)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -76,8 +76,8 @@ def test_helper_argv_accepts_the_legacy_source_and_several_o_flags():
     (["/srv", "/mnt", "-o", "log_file="], "log_file needs a value"),
     (["/srv", "/mnt", "--bogus"], "--bogus"),
 ])
-def test_helper_argv_errors_are_start_errors(argv, words):
-    with pytest.raises(StartError, match=re.escape(words)):
+def test_helper_argv_errors_are_one_line_errors(argv, words):
+    with pytest.raises(HelperError, match=re.escape(words)):
         helper_argv(argv)
 
 
@@ -91,8 +91,8 @@ def test_helper_form_start_error_is_one_line(tmp_path, capsys):
 def test_commands_other_than_mount_do_not_import_the_mount_machinery():
     # Layer rule (only vcfs/fs imports pyfuse3) and start-up time: status, wait and the
     # manual page read files like a user; they need neither pyfuse3 nor trio.
-    code = ("import sys, vcfs.cli, vcfs.tools, vcfs.manpage, vcfs.notify; "
-            "vcfs.manpage.render(); "
+    code = ("import sys, vcfs.cli, vcfs.client, vcfs.manpage, vcfs.notify; "
+            "vcfs.manpage.render(vcfs.cli.parser()); "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('pyfuse3', 'trio')))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
     assert (r.returncode, r.stdout) == (0, "[]\n"), r.stderr
@@ -161,7 +161,7 @@ def test_journal_lines_carry_a_priority_and_no_timestamp():
 @pytest.mark.parametrize("journal", [True, False])
 def test_stderr_is_the_journal_only_when_journal_stream_names_it(tmp_path, journal):
     log = tmp_path / "stderr"
-    code = ("import logging; from vcfs.cli import setup_logging; setup_logging(False, None); "
+    code = ("import logging; from vcfs.logsetup import setup_logging; setup_logging(False, None); "
             "logging.getLogger('vcfs.t').info('hello')")
     with open(log, "wb") as f:
         st = os.fstat(f.fileno())
@@ -179,16 +179,16 @@ def test_stderr_is_the_journal_only_when_journal_stream_names_it(tmp_path, journ
 
 
 def test_human_sizes_durations_and_bars():
-    assert [tools.human(n) for n in (0, 1023, 1536, 64 << 20, 3 << 40)] == [
+    assert [client.human(n) for n in (0, 1023, 1536, 64 << 20, 3 << 40)] == [
         "0 B", "1023 B", "1.5 KiB", "64.0 MiB", "3.0 TiB"]
-    assert [tools.duration(s) for s in (0, 59.6, 75, 3675)] == ["0:00", "1:00", "1:15", "1:01:15"]
-    assert tools.bar(1, 4, width=8) == "[##------]"
-    assert tools.bar(5, 4, width=4) == "[####]" and tools.bar(1, 0, width=2) == "[--]"
-    assert tools.percent(1, 3) == " 33%" and tools.percent(0, 0) == "  -%"
+    assert [client.duration(s) for s in (0, 59.6, 75, 3675)] == ["0:00", "1:00", "1:15", "1:01:15"]
+    assert client.bar(1, 4, width=8) == "[##------]"
+    assert client.bar(5, 4, width=4) == "[####]" and client.bar(1, 0, width=2) == "[--]"
+    assert client.percent(1, 3) == " 33%" and client.percent(0, 0) == "  -%"
 
 
 def test_rate_is_averaged_over_a_window():
-    rate = tools.Rate()
+    rate = client.Rate()
     assert rate.add(0.0, 0) is None
     assert rate.add(1.0, 100) == 100
     assert rate.add(2.0, 300) == 150
@@ -205,7 +205,7 @@ def test_vcfs_mounts_reads_mountinfo(tmp_path):
         "91 22 0:51 / /mnt/my\\040vms rw - fuse.vcfs vcfs rw\n"
         "92 22 0:52 / /mnt/other rw - fuse.sshfs x rw\n"
     )
-    assert tools.vcfs_mounts(str(info)) == [Path("/mnt/vms"), Path("/mnt/my vms")]
+    assert client.vcfs_mounts(str(info)) == [Path("/mnt/vms"), Path("/mnt/my vms")]
 
 
 # --- status and wait over a mount-shaped tree ----------------------------------------------------
@@ -238,7 +238,7 @@ def fake_mount(root: Path) -> Path:
 def test_status_lists_domains_checkpoints_and_jobs(tmp_path):
     root = fake_mount(tmp_path / "mnt")
     out, err = io.StringIO(), io.StringIO()
-    assert tools.status(root, out=out, err=err) == 0
+    assert client.status(root, out=out, err=err) == 0
     assert out.getvalue() == (
         "vm1\n"
         "  checkpoints: mon, tue (current, broken)\n"
@@ -252,25 +252,25 @@ def test_status_lists_domains_checkpoints_and_jobs(tmp_path):
     )
     # One domain's directory narrows it down.
     out = io.StringIO()
-    assert tools.status(root / "vm2", out=out, err=err) == 0
+    assert client.status(root / "vm2", out=out, err=err) == 0
     assert out.getvalue().startswith("vm2\n")
 
 
 def test_status_of_every_mount_lists_the_readable_ones(tmp_path, monkeypatch):
     root = fake_mount(tmp_path / "mnt")
-    monkeypatch.setattr(tools, "vcfs_mounts", lambda: [tmp_path / "gone", root])
+    monkeypatch.setattr(client, "vcfs_mounts", lambda: [tmp_path / "gone", root])
     out, err = io.StringIO(), io.StringIO()
-    assert tools.status(None, out=out, err=err) == 1
+    assert client.status(None, out=out, err=err) == 1
     assert err.getvalue() == f"vcfs: {tmp_path / 'gone'}: No such file or directory\n"
     assert out.getvalue().startswith(f"{root}:\nvm1\n  checkpoints: mon, tue")
 
 
 def test_status_of_something_else_is_one_line(tmp_path):
     err = io.StringIO()
-    assert tools.status(tmp_path, out=io.StringIO(), err=err) == 1
+    assert client.status(tmp_path, out=io.StringIO(), err=err) == 1
     assert err.getvalue() == f"vcfs: {tmp_path}: not a vcfs mount or domain directory\n"
     err = io.StringIO()
-    assert tools.status(tmp_path / "nope", out=io.StringIO(), err=err) == 1
+    assert client.status(tmp_path / "nope", out=io.StringIO(), err=err) == 1
     assert err.getvalue().startswith(f"vcfs: {tmp_path / 'nope'}: ")
 
 
@@ -292,12 +292,12 @@ def test_wait_returns_0_on_completion_and_1_with_the_error_on_failure(tmp_path):
     t = later(0.2, lambda: write_whole(job / "status", "state: completed\nmode: pull\n"))
     err = io.StringIO()
     started = time.monotonic()
-    assert tools.wait(root / "vm1/backups/2", interval=0.02, err=err) == 0
+    assert client.wait(root / "vm1/backups/2", interval=0.02, err=err) == 0
     assert time.monotonic() - started >= 0.2
     t.join()
     assert err.getvalue() == ""
     # `latest` resolves to job 10, which failed.
-    assert tools.wait(root / "vm1/backups/latest", interval=0.02, err=err) == 1
+    assert client.wait(root / "vm1/backups/latest", interval=0.02, err=err) == 1
     assert err.getvalue() == "vcfs: backup 10 of vm1 failed: disk vda: boom\n"
 
 
@@ -306,13 +306,13 @@ def test_wait_returns_1_when_the_job_goes_away_and_2_for_non_backups(tmp_path):
     job = root / "vm1/backups/2"
     t = later(0.1, lambda: shutil.rmtree(job))
     err = io.StringIO()
-    assert tools.wait(job, interval=0.02, err=err) == 1
+    assert client.wait(job, interval=0.02, err=err) == 1
     t.join()
     assert err.getvalue() == "vcfs: backup 2 of vm1 was removed before it finished\n"
     for path in (root / "vm1/checkpoints/mon", root / "vm1", root / "vm1/backups/99",
                  root / "vm1/backups/new"):
         err = io.StringIO()
-        assert tools.wait(path, err=err) == 2, path
+        assert client.wait(path, err=err) == 2, path
         assert err.getvalue().startswith(f"vcfs: {path}: not a backup job directory"), path
 
 
@@ -337,7 +337,7 @@ def test_watch_redraws_running_jobs_until_none_runs(tmp_path, tty):
 
     out = Tty() if tty else io.StringIO()
     t = later(0, advance)
-    assert tools.Watcher([root], out, interval=0.03).run() == 0
+    assert client.Watcher([root], out, interval=0.03).run() == 0
     t.join()
     text = out.getvalue()
     lines = [line for line in re.split(r"\n|\x1b\[\d+F\x1b\[J", text) if line]
@@ -354,7 +354,7 @@ def test_watch_with_nothing_running_says_so(tmp_path):
     root = fake_mount(tmp_path / "mnt")
     (root / "vm1/backups/2/status").write_text("state: completed\nmode: pull\n")
     out = io.StringIO()
-    assert tools.Watcher([root], out, interval=0.01).run() == 0
+    assert client.Watcher([root], out, interval=0.01).run() == 0
     assert out.getvalue() == "no backup job is running\n"
 
 
@@ -374,7 +374,7 @@ def all_options() -> dict[str, list[str]]:
 
 
 def test_man_page_has_the_sections_and_every_subcommand_and_option():
-    page = manpage.render()
+    page = manpage.render(parser())
     assert page.startswith(f'.TH VCFS 1 "" "vcfs {__version__}" "User Commands"\n.SH NAME\n')
     for section in ("NAME", "SYNOPSIS", "DESCRIPTION", "OPTIONS", "COMMANDS",
                     '"MOUNT HELPER AND FSTAB"', "SERVICE", "FILES", "ERRORS", '"EXIT STATUS"',
@@ -389,16 +389,27 @@ def test_man_page_has_the_sections_and_every_subcommand_and_option():
         for option in options:
             assert option in plain, (name, option)
     # Every path of the tree, in the FILES section.
-    for entry in manpage.TREE:
+    for entry in treedoc.TREE:
         assert f"\\fB{manpage.roff(entry.path, code=True)}\\fR" in page
     # Well-formed roff: every line a request, text, or a continuation; no raw non-ASCII.
     assert all(ord(c) < 128 for c in page)
     assert not re.search(r"^[.'](?!\\\"|[A-Z]{1,2}\b|br\b|nf\b|fi\b)", page, re.M)
 
 
+def test_man_page_lists_every_option_of_the_mount_helper():
+    # From mounthelper's tables: tls_x509_dir= and image_cache= were once missing from the page.
+    from vcfs import mounthelper
+
+    text = re.sub(r"\\f[BIR]", "", manpage.render(parser())).replace("\\-", "-")
+    helper = text[text.index(".SH \"MOUNT HELPER AND FSTAB\""):text.index(".SH SERVICE")]
+    for key in [*mounthelper.VALUE_OPTIONS, *mounthelper.FLAG_OPTIONS, *mounthelper.MOUNT_ONLY]:
+        assert re.search(rf"\b{key}\b", helper), key
+    assert "image_cache=MIB" in helper and "tls_x509_dir=DIR" in helper
+
+
 @pytest.mark.skipif(shutil.which("groff") is None, reason="groff is not installed")
 def test_man_page_formats_without_warnings():
-    page = manpage.render()
+    page = manpage.render(parser())
     r = subprocess.run(["groff", "-man", "-Tutf8", "-ww", "-z"], input=page, text=True,
                        capture_output=True, timeout=30)
     assert (r.returncode, r.stderr) == (0, "")
@@ -417,24 +428,24 @@ def test_man_page_formats_without_warnings():
 def test_vcfs_man_prints_the_page_when_not_on_a_terminal():
     r = subprocess.run([sys.executable, "-m", "vcfs", "man"], capture_output=True, text=True,
                        timeout=30)
-    assert (r.returncode, r.stdout) == (0, manpage.render())
+    assert (r.returncode, r.stdout) == (0, manpage.render(parser()))
     r = subprocess.run([sys.executable, "-m", "vcfs.manpage"], capture_output=True, text=True,
                        timeout=30)
-    assert (r.returncode, r.stdout) == (0, manpage.render())
+    assert (r.returncode, r.stdout) == (0, manpage.render(parser()))
 
 
 def test_generated_files_are_current():
     # Regenerate with: python -m vcfs.manpage > packaging/vcfs.1
     #                  python -m vcfs.manpage --tree-md > docs/tree.md
-    assert (REPO / "packaging/vcfs.1").read_text() == manpage.render()
-    assert (REPO / "docs/tree.md").read_text() == manpage.tree_markdown()
+    assert (REPO / "packaging/vcfs.1").read_text() == manpage.render(parser())
+    assert (REPO / "docs/tree.md").read_text() == treedoc.tree_markdown()
 
 
 def test_man_page_does_not_depend_on_who_renders_it(monkeypatch):
-    page = manpage.render()
+    page = manpage.render(parser())
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     monkeypatch.setenv("XDG_DATA_HOME", "/home/u/.local/share")
-    assert manpage.render() == page
+    assert manpage.render(parser()) == page
 
 
 def test_pyproject_installs_the_man_page_and_the_console_script():
@@ -446,11 +457,11 @@ def test_pyproject_installs_the_man_page_and_the_console_script():
 def test_tree_modes_match_the_node_kinds():
     # The same rules as vcfs.tree.nodes: dirs 0755, rendered files 0444, control files 0200,
     # images 0400, links 0777 (checked against a real mount in tests/integration).
-    for e in manpage.TREE:
-        assert e.path.endswith("/") == (e.kind == manpage.DIR), e.path
-        assert e.mode in {manpage.DIR: {0o755}, manpage.LINK: {0o777},
-                          manpage.FILE: {0o444, 0o200, 0o400}}[e.kind], e.path
-        assert (e.mode == 0o200) == bool(e.write and e.kind == manpage.FILE), e.path
+    for e in treedoc.TREE:
+        assert e.path.endswith("/") == (e.kind == treedoc.DIR), e.path
+        assert e.mode in {treedoc.DIR: {0o755}, treedoc.LINK: {0o777},
+                          treedoc.FILE: {0o444, 0o200, 0o400}}[e.kind], e.path
+        assert (e.mode == 0o200) == bool(e.write and e.kind == treedoc.FILE), e.path
 
 
 def test_wheel_holds_the_console_script_and_the_man_page(tmp_path):
@@ -472,5 +483,6 @@ def test_wheel_holds_the_console_script_and_the_man_page(tmp_path):
         entry_points = z.read(f"vcfs-{__version__}.dist-info/entry_points.txt").decode()
         man = z.read(f"vcfs-{__version__}.data/data/share/man/man1/vcfs.1").decode()
     assert "[console_scripts]\nvcfs = vcfs.cli:main" in entry_points
-    assert man == manpage.render()
-    assert {"vcfs/cli.py", "vcfs/tools.py", "vcfs/notify.py", "vcfs/manpage.py"} <= names
+    assert man == manpage.render(parser())
+    assert {"vcfs/cli.py", "vcfs/client.py", "vcfs/notify.py", "vcfs/manpage/__init__.py",
+            "vcfs/manpage/__main__.py", "vcfs/treedoc.py"} <= names

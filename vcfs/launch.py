@@ -1,0 +1,122 @@
+"""Starting and stopping a mount from the command line: the early checks, the app's Config,
+serving in the foreground or as a daemon, and `umount`.
+
+Without `-f`, `run_mount` forks; the parent exits only once the child reports the mount ready
+(or failed) through a pipe, so scripts can use the mount right after the command returns.
+Start-up problems are `StartError`s, which the command line prints as one line.
+
+The mount machinery (trio, pyfuse3, the app) is imported only when a mount starts, so the other
+commands start fast.
+
+Thread rule: runs in the main thread of the `vcfs` process, before and around `trio.run`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+from typing import TYPE_CHECKING
+
+from vcfs import __version__
+from vcfs.logsetup import setup_logging, stderr_is_journal
+
+if TYPE_CHECKING:
+    from vcfs.app import Config
+
+log = logging.getLogger("vcfs")
+
+
+class StartError(Exception):
+    """A start-up problem, reported as one line."""
+
+
+def check_mount_args(args: argparse.Namespace) -> None:
+    """Refuse early, with one clear line, what would fail obscurely inside libfuse."""
+    if not args.host.is_dir():
+        raise StartError(f"{args.host}: no such host directory")
+    if not args.mountpoint.is_dir():
+        raise StartError(f"{args.mountpoint}: mountpoint is not a directory")
+    if os.path.ismount(args.mountpoint):
+        raise StartError(f"{args.mountpoint}: something is already mounted there")
+    if not os.path.exists("/dev/fuse"):
+        raise StartError("/dev/fuse is missing: load the fuse module or install fuse3")
+
+
+def mount_config(args: argparse.Namespace) -> Config:
+    """The app's configuration from the parsed `vcfs mount` command line."""
+    from vcfs.app import Config
+
+    options = [o for group in args.options for o in group.split(",") if o]
+    return Config(
+        host_dir=args.host.resolve(),
+        mountpoint=args.mountpoint.resolve(),
+        state_dir=args.state_dir.resolve(),
+        runtime_dir=args.runtime_dir.resolve(),
+        fuse_options=options,
+        cache_images=args.cache_images,
+        image_cache=args.image_cache << 20,
+        tls_dir=args.tls_x509_dir.resolve() if args.tls_x509_dir else None,
+    )
+
+
+def _log_start(config: Config) -> None:
+    log.info("vcfs %s starting: host %s, mountpoint %s, state %s, runtime %s, options %s",
+             __version__, config.host_dir, config.mountpoint, config.state_dir,
+             config.runtime_dir, ",".join(config.fuse_options) or "-")
+
+
+def run_mount(args: argparse.Namespace) -> int:
+    """`vcfs mount`: foreground, or fork and wait for the child's readiness report."""
+    import trio
+
+    from vcfs.app import serve
+
+    check_mount_args(args)
+    config = mount_config(args)
+    if args.foreground:
+        setup_logging(args.debug, args.log_file)
+        _log_start(config)
+        trio.run(serve, config)
+        return 0
+    journal = stderr_is_journal()
+    read_fd, write_fd = os.pipe()
+    if os.fork():
+        os.close(write_fd)
+        with os.fdopen(read_fd, "rb") as pipe:
+            report = pipe.read().decode(errors="replace")
+        if report == "ok":
+            return 0
+        raise StartError(report or "mount failed (see the log)")
+    os.close(read_fd)
+    os.setsid()
+    os.chdir("/")  # do not keep the caller's directory busy
+    null = os.open(os.devnull, os.O_RDWR)
+    # Under systemd (a mount unit running mount(8)) stderr is the journal: keep logging there.
+    for fd in (0, 1) if journal else (0, 1, 2):
+        os.dup2(null, fd)
+    setup_logging(args.debug, args.log_file, to_stderr=journal)
+    _log_start(config)
+    pipe = os.fdopen(write_fd, "wb", buffering=0)
+
+    def ready() -> None:
+        pipe.write(b"ok")
+        pipe.close()
+
+    try:
+        trio.run(serve, config, ready)
+    except BaseException as e:
+        if not pipe.closed:
+            pipe.write(f"mount failed: {e}".encode())
+        log.exception("vcfs stopped")
+        os._exit(1)
+    os._exit(0)
+
+
+def run_umount(args: argparse.Namespace) -> int:
+    """`vcfs umount`: the FUSE unmount helper."""
+    r = subprocess.run(["fusermount3", "-u", str(args.mountpoint)], capture_output=True, text=True)
+    if r.returncode:
+        raise StartError(r.stderr.strip() or f"cannot unmount {args.mountpoint}")
+    return 0
