@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from benchmarks.harness import drop_caches, median, vcfs_mounted
-from vcfs.demo import VM, DiskSpec
+from tests.vm import VM, DiskSpec
 
 GiB, MiB, KiB = 1 << 30, 1 << 20, 1 << 10
 SIZE = 4 * GiB

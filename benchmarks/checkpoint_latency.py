@@ -30,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from benchmarks.harness import vcfs_mounted
-from vcfs.demo import VM, DiskSpec
+from tests.vm import VM, DiskSpec
 
 DISKS = ("vda", "vdb")
 WARMUP_ROUNDS = 2

@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from benchmarks.harness import drop_caches, median, vcfs_mounted
-from vcfs.demo import VM, DiskSpec
+from tests.vm import VM, DiskSpec
 from vcfs.domain.reader import BLOCK, CACHE_BYTES, LOADING
 
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from benchmarks.harness import vcfs_mounted
-from vcfs.demo import VM, DiskSpec
+from tests.vm import VM, DiskSpec
 
 MiB = 1 << 20
 READERS = 16

@@ -1,7 +1,7 @@
 """Shared pytest fixtures: real QEMU VMs, a real vcfs mount, and a shell runner.
 
 Integration tests drive vcfs the way users do - a mounted filesystem, shell commands - against
-VMs from `vcfs.demo`. Fixture teardown is defensive: VMs are always killed, mounts always
+VMs from `tests.vm`. Fixture teardown is defensive: VMs are always killed, mounts always
 unmounted (lazily as a last resort), and the QEMU and vcfs logs are printed when a test fails.
 
 Threading rule: everything here is synchronous and runs in pytest's main thread.
@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests import conformance
-from vcfs.demo import VM, DiskSpec
+from tests.vm import VM, DiskSpec
 from vcfs.mountinfo import is_mounted
 
 INTEGRATION_DIR = Path(__file__).parent / "integration"

@@ -29,7 +29,7 @@ import nbd
 import pytest
 
 from tests.integration.helpers import errors_of, listing, wait_for, write_errno
-from vcfs.demo import VM, DiskSpec
+from tests.vm import VM, DiskSpec
 
 UNIT = 64 << 10
 MiB = 1 << 20

@@ -15,7 +15,7 @@ import time
 import pytest
 
 from tests.integration.helpers import errors_of, listing, wait_for, write_errno
-from vcfs.demo import DiskSpec
+from tests.vm import DiskSpec
 
 
 @pytest.fixture

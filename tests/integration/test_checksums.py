@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tests.conftest import Mount
-from vcfs.demo import VM, DiskSpec
+from tests.vm import VM, DiskSpec
 
 MiB = 1 << 20
 

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from tests.integration.helpers import listing, wait_for, write_errno
-from vcfs.demo import DiskSpec
+from tests.vm import DiskSpec
 
 CREATE_POINTS = {  # point -> does the checkpoint exist after recovery?
     "checkpoint.create.transaction": False,

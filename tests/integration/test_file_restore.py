@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 
 from tests.integration.helpers import errors_of, wait_for, write_errno
-from vcfs.demo import MON, TUE, DiskSpec
+from tests.vm import DiskSpec
+from vcfs.demo import MON, TUE
 
 MiB = 1 << 20
 DISK = 40 * MiB

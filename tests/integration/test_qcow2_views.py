@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from vcfs.demo import VM, DiskSpec
+from tests.vm import VM, DiskSpec
 
 UNIT = 64 << 10
 """Cluster size of the test disks, and granularity of their bitmaps."""

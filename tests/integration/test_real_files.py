@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.helpers import errors_of, wait_for, write_errno
-from vcfs.demo import DiskSpec
+from tests.vm import DiskSpec
 
 MiB = 1 << 20
 

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.integration.helpers import errors_of, listing, write_errno
-from vcfs.demo import DiskSpec
+from tests.vm import DiskSpec
 
 
 def qcow2_vm(vm_factory):

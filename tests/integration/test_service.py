@@ -29,8 +29,8 @@ import pytest
 
 from tests.conftest import MOUNT_TIMEOUT, Mount
 from tests.integration.test_cli import processes_using, wait_for
+from tests.vm import DiskSpec
 from vcfs import mountinfo
-from vcfs.demo import DiskSpec
 from vcfs.mountinfo import is_mounted
 
 REPO = Path(__file__).resolve().parents[2]

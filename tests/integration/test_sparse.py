@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Mount
-from vcfs.demo import VM, DiskSpec
+from tests.vm import VM, DiskSpec
 
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
 UNIT = 64 * KiB

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from vcfs.demo import VM, DiskSpec
+from tests.vm import VM, DiskSpec
 from vcfs.store import KILL_ENV, STEPS
 
 MiB = 1 << 20

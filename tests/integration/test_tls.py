@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.helpers import errors_of, listing, write_errno
-from vcfs.demo import DiskSpec
+from tests.vm import DiskSpec
 
 pytestmark = pytest.mark.skipif(
     subprocess.run(["which", "openssl"], capture_output=True).returncode != 0,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from vcfs.demo import DEMO_WRITES, VM, DiskSpec, QmpClient, QmpError, demo_vms
+from tests.vm import DEMO_WRITES, VM, DiskSpec, QmpClient, QmpError, demo_vms
 
 MiB = 1 << 20
 KiB = 1 << 10

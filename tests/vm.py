@@ -1,0 +1,65 @@
+"""The tests' and benchmarks' VMs: the demo's `VM` (vcfs.demo.vms) plus what only tests inspect -
+bitmaps and block nodes over the test monitor, guest-visible patterns, arbitrary guest writes,
+restarts. Import VMs and their disk specs from here, not from the installed package.
+
+Threading rule: as for vcfs.demo.vms.VM - blocking, one thread, never vcfs's event loop.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any
+
+from vcfs.demo import vms
+from vcfs.demo.qmpclient import QmpClient, QmpError
+from vcfs.demo.vms import DEMO_WRITES, DiskSpec
+
+__all__ = ["DEMO_WRITES", "VM", "DiskSpec", "QmpClient", "QmpError", "demo_vms"]
+
+
+class VM(vms.VM):
+    """A demo VM that tests can inspect (see the module docstring)."""
+
+    def write_bytes(self, target: str, offset: int, data: bytes) -> None:
+        """Write `data` at `offset` through the device, as a guest would (see `write`).
+
+        qemu-io takes the bytes from a file (`write -s`), made beside the QEMU log and removed.
+        """
+        src = self.work_dir / f"{self.name}-{target}-write.bin"
+        src.write_bytes(data)
+        try:
+            out = self.qemu_io(target, f"write -s {src} {offset} {len(data)}")
+        finally:
+            src.unlink(missing_ok=True)
+        if f"wrote {len(data)}/{len(data)} bytes at offset {offset}" not in out:
+            raise RuntimeError(f"{self.name}: write to {target} failed: {out.strip()}")
+
+    def has_pattern(self, target: str, offset: int, length: int, pattern: int) -> bool:
+        """Whether the guest sees `length` bytes of `pattern` at `offset` on `target`."""
+        out = self.qemu_io(target, f"read -P 0x{pattern:02x} {offset} {length}")
+        if f"read {length}/{length} bytes at offset {offset}" not in out:
+            raise RuntimeError(f"{self.name}: read from {target} failed: {out.strip()}")
+        return "Pattern verification failed" not in out
+
+    def block_nodes(self) -> list[dict[str, Any]]:
+        """All block nodes (query-named-block-nodes flat=true)."""
+        return self.qmp("query-named-block-nodes", flat=True)
+
+    def bitmaps(self, target: str) -> dict[str, dict[str, Any]]:
+        """The named bitmaps on the disk's format node (`<target>-format`), by name."""
+        node_name = f"{target}-format"
+        for node in self.block_nodes():
+            if node["node-name"] == node_name:
+                return {b["name"]: b for b in node.get("dirty-bitmaps", []) if b.get("name")}
+        raise KeyError(f"{self.name}: no block node {node_name}")
+
+    def restart(self) -> None:
+        """Stop cleanly and start again on the same images."""
+        self.stop()
+        self.start()
+
+
+def demo_vms(base_dir: Path) -> AbstractContextManager[tuple[Path, list[vms.VM]]]:
+    """vcfs.demo.vms.demo_vms, with VMs tests can inspect (instances of VM above)."""
+    return vms.demo_vms(base_dir, vm_class=VM)
