@@ -19,7 +19,7 @@ import os
 import subprocess
 from typing import TYPE_CHECKING
 
-from vcfs import __version__
+from vcfs import __version__, mountinfo
 from vcfs.logsetup import setup_logging, stderr_is_journal
 
 if TYPE_CHECKING:
@@ -34,12 +34,17 @@ class StartError(Exception):
 
 def check_mount_args(args: argparse.Namespace) -> None:
     """Refuse early, with one clear line, what would fail obscurely inside libfuse."""
-    if not args.host.is_dir():
-        raise StartError(f"{args.host}: no such host directory")
-    if not args.mountpoint.is_dir():
-        raise StartError(f"{args.mountpoint}: mountpoint is not a directory")
-    if os.path.ismount(args.mountpoint):
-        raise StartError(f"{args.mountpoint}: something is already mounted there")
+    try:
+        if not args.host.is_dir():
+            raise StartError(f"{args.host}: no such host directory")
+        # mountinfo first, not stat: on a dead FUSE mount (its server killed) every stat fails
+        # with ENOTCONN, which once ended here in a traceback.
+        if mountinfo.is_mounted(args.mountpoint):
+            raise StartError(f"{args.mountpoint}: something is already mounted there")
+        if not args.mountpoint.is_dir():
+            raise StartError(f"{args.mountpoint}: mountpoint is not a directory")
+    except OSError as e:  # e.g. EACCES on a parent directory
+        raise StartError(f"{e.filename}: {e.strerror}") from None
     if not os.path.exists("/dev/fuse"):
         raise StartError("/dev/fuse is missing: load the fuse module or install fuse3")
 

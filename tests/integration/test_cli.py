@@ -286,3 +286,24 @@ def test_read_ahead_is_raised_on_a_mount_point_with_a_space(tmp_path):
         m.unmount()
     finally:
         m.close()
+
+
+def test_a_dead_mount_on_the_mountpoint_is_one_line(tmp_path):
+    # vcfs killed: its mount stays, and every stat of it fails with ENOTCONN. Mounting there
+    # again once died in a traceback from that stat.
+    host = tmp_path / "host"
+    host.mkdir()
+    m = Mount(host, tmp_path / "dead", [])
+    try:
+        m.start()
+        assert m.proc is not None
+        os.killpg(m.proc.pid, signal.SIGKILL)
+        m.proc.wait()
+        with pytest.raises(OSError) as e:
+            os.stat(m.path)
+        assert e.value.errno == errno.ENOTCONN
+        for mode in MODES:
+            r = vcfs(*mount_args(tmp_path / "again", *mode.values[0]), host, m.path)
+            assert_one_line_error(r, str(m.path), "already mounted")
+    finally:
+        m.close()
