@@ -18,6 +18,7 @@ import trio
 from vcfs import notify
 from vcfs.adapters.bridge import AsyncioBridge
 from vcfs.adapters.codec import XmlCodec
+from vcfs.adapters.localsystem import OsSystem
 from vcfs.adapters.nbd import NbdExport
 from vcfs.adapters.qmp import QmpQemu
 from vcfs.adapters.state import StateStore
@@ -80,7 +81,7 @@ async def serve(config: Config, ready: Callable[[], None] = lambda: None) -> Non
         return await QmpQemu.connect(bridge, path)
 
     env = Environment(
-        store, codec, config.runtime_dir, scratch_dir, NbdExport, config.tls_dir,
+        store, codec, config.runtime_dir, scratch_dir, NbdExport, OsSystem(), config.tls_dir,
         BlockCache(config.image_cache),
     )
     host = Host(config.host_dir, connect, env)

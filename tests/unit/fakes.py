@@ -1,9 +1,17 @@
-"""Fakes of the domain ports for unit tests of pure logic (never instead of real QEMU tests)."""
+"""Fakes of the domain ports for unit tests of the services (never instead of real QEMU tests).
+
+`FakeQemu` implements every member of the `Qemu` port with QEMU's refusals that matter to the
+services: a node in use cannot be deleted, a job must conclude before it is dismissed, a second
+NBD server is refused, transactions are atomic. `state()` is everything a backup could leave
+behind, so a test compares it before and after. `FakeSystem` is the `LocalSystem` port over the
+fake's file set.
+"""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -11,8 +19,18 @@ from vcfs.adapters import xmlcodec
 from vcfs.adapters.codec import XmlCodec
 from vcfs.domain.host import Domain, Environment
 from vcfs.domain.model import Bitmap, CheckpointDef, Disk, DomainInfo
-from vcfs.domain.ports import Action, AddBitmap, RemoveBitmap
-from vcfs.errors import NoSpace, QmpCommandError
+from vcfs.domain.ports import (
+    Action,
+    AddBitmap,
+    BlockdevBackup,
+    BlockJob,
+    MergeBitmaps,
+    NbdAddress,
+    RemoveBitmap,
+)
+from vcfs.errors import AlreadyExists, Disconnected, NoSpace, QmpCommandError
+
+CANCELLED_ERROR = "Operation canceled"
 
 
 def disk(target: str, driver: str = "qcow2", **kw: object) -> Disk:
@@ -22,8 +40,33 @@ def disk(target: str, driver: str = "qcow2", **kw: object) -> Disk:
                 source=f"/img/{target}.{driver}", size=1 << 26, **kw)  # type: ignore[arg-type]
 
 
+@dataclass
+class FakeNode:
+    """A node vcfs added: its file (a protocol node's path, or a format node's file node)."""
+
+    file: str
+    backing: str | None = None
+    bitmaps: list[Bitmap] = field(default_factory=list)
+
+
+@dataclass
+class FakeJob:
+    id: str
+    device: str
+    target: str
+    bitmap: str | None = None
+    status: str = "running"
+    current: int = 0
+    total: int = 0
+    error: str | None = None
+
+
+def _refuse(command: str, desc: str) -> NoReturn:
+    raise QmpCommandError(command, "GenericError", desc)
+
+
 class FakeQemu:
-    """An in-memory QEMU: disks with bitmaps, atomic transactions, QEMU's refusals."""
+    """An in-memory QEMU: disks with bitmaps, nodes, jobs, exports, NBD server, objects."""
 
     def __init__(self, disks: Sequence[Disk], uuid: str | None = None) -> None:
         self.disks = {d.node: d for d in disks}
@@ -32,33 +75,18 @@ class FakeQemu:
         self.transactions: list[list[Action]] = []
         self.closed = False
         self.fail_next: str | None = None
+        """Refuse the next transaction with this message."""
+        self.refuse: dict[str, str] = {}
+        """Method name -> the error QEMU gives every call of it."""
+        self.nodes: dict[str, FakeNode] = {}
+        self.files: set[str] = set()
+        self.jobs_: dict[str, FakeJob] = {}
+        self.exports: dict[str, tuple[str, str, str | None]] = {}
+        self.server: NbdAddress | None = None
+        self.objects: set[str] = set()
+        self.calls: list[str] = []
 
-    async def domain_info(self, name: str) -> DomainInfo:
-        return DomainInfo(name, self.uuid, tuple(self.disks[n] for n in self.order))
-
-    async def transaction(self, actions: Sequence[Action]) -> None:
-        if self.fail_next:
-            msg, self.fail_next = self.fail_next, None
-            raise QmpCommandError("transaction", "GenericError", msg)
-        new = dict(self.disks)
-        for a in actions:
-            d = new[a.node]
-            names = [b.name for b in d.bitmaps]
-            if isinstance(a, AddBitmap):
-                if a.name in names:
-                    raise QmpCommandError("transaction", "GenericError",
-                                          f"Bitmap already exists: {a.name}")
-                if a.persistent and not d.qcow2_v3:
-                    raise QmpCommandError("transaction", "GenericError",
-                                          "Cannot store dirty bitmaps in qcow2 v2 files")
-                new[a.node] = replace(d, bitmaps=(*d.bitmaps, Bitmap(a.name)))
-            elif isinstance(a, RemoveBitmap):
-                if a.name not in names:
-                    raise QmpCommandError("transaction", "GenericError",
-                                          f"Dirty bitmap '{a.name}' not found")
-                new[a.node] = replace(d, bitmaps=tuple(b for b in d.bitmaps if b.name != a.name))
-        self.disks = new
-        self.transactions.append(list(actions))
+    # ---- test controls ----------------------------------------------------------------------
 
     def bitmap_names(self, target: str) -> list[str | None]:
         return [b.name for b in self.disks[f"{target}-format"].bitmaps]
@@ -67,8 +95,223 @@ class FakeQemu:
         node = f"{target}-format"
         self.disks[node] = replace(self.disks[node], bitmaps=bitmaps)
 
+    def conclude(self, job_id: str, error: str | None = None) -> None:
+        """QEMU finishes a job (completed, or failed with `error`)."""
+        j = self.jobs_[job_id]
+        j.status, j.error, j.current = "concluded", error, j.total
+
+    def state(self) -> dict[str, Any]:
+        """Everything a backup could leave in QEMU or on disk."""
+        return {
+            "bitmaps": {n: [b.name for b in d.bitmaps] for n, d in self.disks.items()},
+            "nodes": sorted(self.nodes), "files": sorted(self.files),
+            "jobs": sorted(self.jobs_), "exports": sorted(self.exports),
+            "server": self.server, "objects": sorted(self.objects),
+        }
+
+    def _check(self, method: str) -> None:
+        if self.closed:
+            raise Disconnected("QEMU is gone")
+        self.calls.append(method)
+        if method in self.refuse:
+            _refuse(method, self.refuse[method])
+
+    def _node_exists(self, node: str) -> bool:
+        return node in self.nodes or node in self.disks
+
+    def _bitmaps(self, node: str) -> list[Bitmap]:
+        if node in self.disks:
+            return list(self.disks[node].bitmaps)
+        return self.nodes[node].bitmaps
+
+    # ---- the Qemu port ----------------------------------------------------------------------
+
+    async def domain_info(self, name: str) -> DomainInfo:
+        self._check("domain_info")
+        return DomainInfo(name, self.uuid, tuple(self.disks[n] for n in self.order))
+
+    async def transaction(self, actions: Sequence[Action]) -> None:
+        self._check("transaction")
+        if self.fail_next:
+            msg, self.fail_next = self.fail_next, None
+            _refuse("transaction", msg)
+        bitmaps = {n: self._bitmaps(n) for n in [*self.disks, *self.nodes]}
+        jobs = dict(self.jobs_)
+        for a in actions:
+            if not self._node_exists(a.node if not isinstance(a, BlockdevBackup) else a.device):
+                _refuse("transaction", f"Cannot find device or node '{a}'")
+            if isinstance(a, AddBitmap):
+                names = [b.name for b in bitmaps[a.node]]
+                if a.name in names:
+                    _refuse("transaction", f"Bitmap already exists: {a.name}")
+                d = self.disks.get(a.node)
+                if a.persistent and (d is None or not d.qcow2_v3):
+                    _refuse("transaction", "Cannot store dirty bitmaps in qcow2 v2 files")
+                bitmaps[a.node] = [*bitmaps[a.node], Bitmap(a.name, persistent=a.persistent,
+                                                           recording=not a.disabled)]
+            elif isinstance(a, RemoveBitmap):
+                if a.name not in [b.name for b in bitmaps[a.node]]:
+                    _refuse("transaction", f"Dirty bitmap '{a.name}' not found")
+                if any((j.device, j.bitmap) == (a.node, a.name) for j in jobs.values()
+                       if j.status != "concluded"):
+                    _refuse("transaction", f"Bitmap '{a.name}' is currently in use")
+                bitmaps[a.node] = [b for b in bitmaps[a.node] if b.name != a.name]
+            elif isinstance(a, MergeBitmaps):
+                if a.target not in [b.name for b in bitmaps[a.node]]:
+                    _refuse("transaction", f"Dirty bitmap '{a.target}' not found")
+                for node, name in a.sources:
+                    if name not in [b.name for b in bitmaps[node]]:
+                        _refuse("transaction", f"Dirty bitmap '{name}' not found")
+            elif isinstance(a, BlockdevBackup):
+                if a.job_id in jobs:
+                    _refuse("transaction", f"Job ID '{a.job_id}' already in use")
+                if a.target not in self.nodes:
+                    _refuse("transaction", f"Cannot find node '{a.target}'")
+                if a.bitmap and a.bitmap not in [b.name for b in bitmaps[a.device]]:
+                    _refuse("transaction", f"Bitmap '{a.bitmap}' could not be found")
+                size = self.disks[a.device].size if a.device in self.disks else 0
+                jobs[a.job_id] = FakeJob(a.job_id, a.device, a.target, a.bitmap, total=size)
+        for n, bs in bitmaps.items():
+            if n in self.disks:
+                self.disks[n] = replace(self.disks[n], bitmaps=tuple(bs))
+            else:
+                self.nodes[n].bitmaps = bs
+        self.jobs_ = jobs
+        self.transactions.append(list(actions))
+
     async def close(self) -> None:
         self.closed = True
+
+    async def create_image(
+        self,
+        path: str,
+        file_node: str,
+        fmt: str,
+        size: int,
+        cluster_size: int | None = None,
+        backing: tuple[str, str] | None = None,
+    ) -> None:
+        self._check("create_image")
+        if path in self.files:
+            raise AlreadyExists(f"store '{path}' exists")
+        if self._node_exists(file_node):
+            _refuse("blockdev-add", f"Duplicate nodes with node-name='{file_node}'")
+        self.files.add(path)
+        self.nodes[file_node] = FakeNode(path)
+
+    async def add_format_node(
+        self, node: str, file_node: str, fmt: str, backing: str | None = None
+    ) -> None:
+        self._check("add_format_node")
+        if self._node_exists(node):
+            _refuse("blockdev-add", f"Duplicate nodes with node-name='{node}'")
+        if file_node not in self.nodes or (backing and not self._node_exists(backing)):
+            _refuse("blockdev-add", "Cannot find device or node")
+        self.nodes[node] = FakeNode(file_node, backing)
+
+    async def delete_node(self, node: str) -> None:
+        self._check("delete_node")
+        if node not in self.nodes:
+            _refuse("blockdev-del", f"Failed to find node with node-name='{node}'")
+        users = [n for n, x in self.nodes.items() if node in (x.file, x.backing)]
+        users += [j.id for j in self.jobs_.values() if node in (j.device, j.target)]
+        users += [e for e, (n, _, _) in self.exports.items() if n == node]
+        if users:
+            _refuse("blockdev-del", f"Node '{node}' is busy: used by {users}")
+        del self.nodes[node]
+
+    async def nbd_server_start(self, address: NbdAddress, tls_creds: str | None = None) -> None:
+        self._check("nbd_server_start")
+        if self.server is not None:
+            _refuse("nbd-server-start", "NBD server already running")
+        if tls_creds and tls_creds not in self.objects:
+            _refuse("nbd-server-start", f"No TLS credentials with id '{tls_creds}'")
+        self.server = address
+        if address.path:
+            self.files.add(address.path)
+
+    async def tls_creds_add(self, object_id: str, directory: str) -> None:
+        self._check("tls_creds_add")
+        if object_id in self.objects:
+            _refuse("object-add", f"attempt to add duplicate property '{object_id}'")
+        self.objects.add(object_id)
+
+    async def object_del(self, object_id: str) -> None:
+        self._check("object_del")
+        if object_id not in self.objects:
+            _refuse("object-del", f"object '{object_id}' not found")
+        self.objects.discard(object_id)
+
+    async def nbd_server_stop(self) -> None:
+        self._check("nbd_server_stop")
+        if self.server is None:
+            _refuse("nbd-server-stop", "NBD server not running")
+        self.server = None  # QEMU leaves the socket file; vcfs removes it
+
+    async def export_add(self, export_id: str, node: str, name: str, bitmap: str | None) -> None:
+        self._check("export_add")
+        if self.server is None:
+            _refuse("block-export-add", "NBD server not running")
+        if export_id in self.exports or node not in self.nodes:
+            _refuse("block-export-add", f"cannot export '{node}' as '{export_id}'")
+        if bitmap and bitmap not in [b.name for b in self._bitmaps(node)]:
+            _refuse("block-export-add", f"Bitmap '{bitmap}' is not found")
+        self.exports[export_id] = (node, name, bitmap)
+
+    async def export_del(self, export_id: str) -> None:
+        self._check("export_del")
+        if export_id not in self.exports:
+            _refuse("block-export-del", f"Export '{export_id}' is not found")
+        del self.exports[export_id]
+
+    async def export_ids(self) -> set[str]:
+        self._check("export_ids")
+        return set(self.exports)
+
+    async def jobs(self) -> list[BlockJob]:
+        self._check("jobs")
+        return [BlockJob(j.id, j.status, j.current, j.total, j.error)
+                for j in self.jobs_.values()]
+
+    async def job_cancel(self, job_id: str) -> None:
+        self._check("job_cancel")
+        j = self.jobs_.get(job_id)
+        if j is None or j.status == "concluded":
+            _refuse("block-job-cancel", f"Block job '{job_id}' not found")
+        j.status, j.error = "concluded", CANCELLED_ERROR
+
+    async def job_dismiss(self, job_id: str) -> None:
+        self._check("job_dismiss")
+        j = self.jobs_.get(job_id)
+        if j is None or j.status != "concluded":
+            _refuse("job-dismiss", f"Job '{job_id}' in state '{j and j.status}' cannot "
+                    "be dismissed")
+        del self.jobs_[job_id]
+
+
+class FakeSystem:
+    """The host OS over the fake QEMU's file set (the files vcfs and QEMU make)."""
+
+    def __init__(self, qemu: FakeQemu | None = None) -> None:
+        self.qemu = qemu
+        self.restricted: list[str] = []
+        self.fail_restrict: OSError | None = None
+
+    def remove(self, path: str) -> None:
+        if self.qemu is not None:
+            self.qemu.files.discard(path)
+
+    def restrict(self, path: str) -> None:
+        assert self.qemu is None or path in self.qemu.files, f"no file {path}"
+        if self.fail_restrict:
+            raise self.fail_restrict
+        self.restricted.append(path)
+
+    def free_tcp_port(self, host: str) -> int:
+        return 10809
+
+    def sockets(self, directory: str) -> dict[str, int]:
+        return {}
 
 
 class FakeStore:
@@ -97,29 +340,35 @@ class FakeStore:
         self.current = name
 
     def put_intent(self, domain: str, key: str, intent: dict[str, Any]) -> None:
-        self.pending[key] = intent
+        # Through a copy, as the real store does through JSON: no aliasing of the caller's dict.
+        self.pending[key] = copy.deepcopy(intent)
 
     def intents(self, domain: str) -> dict[str, dict[str, Any]]:
-        return dict(self.pending)
+        return copy.deepcopy(self.pending)
 
     def drop_intent(self, domain: str, key: str) -> None:
         self.pending.pop(key, None)
 
 
-def environment(store: FakeStore | None = None) -> Environment:
+def no_export(*args: object) -> NoReturn:
+    raise AssertionError("unit tests open no NBD export")
+
+
+def environment(store: FakeStore | None = None, qemu: FakeQemu | None = None) -> Environment:
     """The services' environment with fakes where I/O would be."""
-
-    def no_export(*args: object) -> NoReturn:
-        raise AssertionError("unit tests open no NBD export")
-
     return Environment(store or FakeStore(), XmlCodec(), Path("/nonexistent/run"),
-                       Path("/nonexistent/scratch"), no_export)
+                       Path("/nonexistent/scratch"), no_export, FakeSystem(qemu))
 
 
-def make_domain(qemu: FakeQemu, store: FakeStore | None = None) -> Domain:
-    """A Domain over fakes; background tasks are refused (unit tests spawn none)."""
+def make_domain(
+    qemu: FakeQemu, store: FakeStore | None = None, spawn: Any = None, tls: bool = False
+) -> Domain:
+    """A Domain over fakes; background tasks are refused unless `spawn` is given."""
 
     def no_spawn(*args: object) -> NoReturn:
         raise AssertionError("unit tests spawn no background task")
 
-    return Domain("vm1", qemu, environment(store), no_spawn)
+    env = environment(store, qemu)
+    if tls:
+        env.tls_dir = Path("/nonexistent/tls")
+    return Domain("vm1", qemu, env, spawn or no_spawn)

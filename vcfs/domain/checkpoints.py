@@ -9,6 +9,7 @@ data, and `problems()` says where the two disagree.
 Order of effects, so that no failure leaves anything half-made: create runs the QMP transaction
 first and writes metadata only if it succeeded (removing the bitmaps again if the write fails);
 delete validates everything, removes all bitmaps in one transaction, then rewrites metadata.
+The service reaches QEMU, the lock and the domain's facts through a `DomainContext`.
 Thread rule: trio tasks only; every mutation holds the domain's lock.
 """
 
@@ -18,9 +19,9 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from vcfs.domain.align import align_checkpoint, fill_bitmap_names
+from vcfs.domain.context import DomainContext
 from vcfs.domain.faults import fault_point
 from vcfs.domain.model import BITMAP, NO, Checkpoint, CheckpointDef, CheckpointDisk, DomainInfo
 from vcfs.domain.names import check_checkpoint_name
@@ -33,9 +34,6 @@ from vcfs.errors import (
     QmpCommandError,
     VcfsError,
 )
-
-if TYPE_CHECKING:
-    from vcfs.domain.host import Domain
 
 log = logging.getLogger(__name__)
 
@@ -84,12 +82,12 @@ class CheckpointService:
 
     def __init__(
         self,
-        domain: Domain,
+        ctx: DomainContext,
         store: CheckpointStore,
         codec: Codec,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self._domain = domain
+        self._ctx = ctx
         self._store = store
         self._codec = codec
         self._clock = clock
@@ -128,7 +126,7 @@ class CheckpointService:
     async def problems(self, name: str) -> list[str]:
         """Why this checkpoint is broken, from the (briefly cached) live bitmaps."""
         cp = self.require(name)
-        return checkpoint_problems(cp.definition, await self._domain.info())
+        return checkpoint_problems(cp.definition, await self._ctx.info())
 
     async def xml(self, name: str) -> bytes:
         """`virsh checkpoint-dumpxml` output, with a comment when the checkpoint is broken."""
@@ -144,7 +142,7 @@ class CheckpointService:
         merging the chain into a temporary bitmap, without the three extra QMP round trips.
         """
         cp = self.require(name)
-        info = await self._domain.info(max_age=0)
+        info = await self._ctx.info(max_age=0)
         sizes = {}
         for entry in cp.definition.bitmap_disks():
             disk = info.disk(entry.name)
@@ -157,7 +155,7 @@ class CheckpointService:
 
     def load(self) -> None:
         """Read the stored metadata. Parents that do not exist are reported, not dropped."""
-        defs, current = self._store.load(self._domain.name)
+        defs, current = self._store.load(self._ctx.name)
         self._checkpoints = {d.name: Checkpoint(d) for d in defs if d.name}
         if current not in self._checkpoints:
             leaves = [n for n in self._checkpoints if not self.children(n)]
@@ -174,7 +172,7 @@ class CheckpointService:
         part is finished now.
         """
         done = []
-        dom = self._domain.name
+        dom = self._ctx.name
         for key, intent in self._store.intents(dom).items():
             op = intent.get("op")
             if op == "checkpoint-create":
@@ -190,7 +188,7 @@ class CheckpointService:
                         if (disk := info.disk(target)) is not None and disk.bitmap(name)
                     ]
                     if stray:
-                        await self._domain.qemu.transaction(stray)
+                        await self._ctx.qemu.transaction(stray)
                     done.append((f"checkpoints/{name}",
                                  f"undid interrupted create of {name} ({len(stray)} bitmaps)"))
             elif op == "checkpoint-redefine":
@@ -214,7 +212,7 @@ class CheckpointService:
                 continue  # not a checkpoint operation
             self._store.drop_intent(dom, key)
         if done:
-            self._domain.invalidate()
+            self._ctx.invalidate()
         return done
 
     def reconcile(self, info: DomainInfo) -> list[tuple[str, str]]:
@@ -248,7 +246,7 @@ class CheckpointService:
         cp = self._codec.parse_checkpoint(document, redefine=False)
         name = cp.name or str(int(self._clock()))
         check_checkpoint_name(name)
-        async with self._domain.lock:
+        async with self._ctx.lock:
             await self._create(cp.with_(name=name))
         return name
 
@@ -260,8 +258,8 @@ class CheckpointService:
         same way must not fail on such a VM.
         """
         check_checkpoint_name(name)
-        async with self._domain.lock:
-            info = await self._domain.info(max_age=0)
+        async with self._ctx.lock:
+            info = await self._ctx.info(max_age=0)
             disks = tuple(
                 CheckpointDisk(d.target, BITMAP if d.bitmap_capable else NO) for d in info.disks
             )
@@ -271,7 +269,7 @@ class CheckpointService:
         prepared = await self.prepare(cp, info)
         name = prepared.definition.name
         key = f"checkpoint-create-{name}"
-        self._store.put_intent(self._domain.name, key, {
+        self._store.put_intent(self._ctx.name, key, {
             "op": "checkpoint-create", "name": name,
             "disks": [d.name for d in prepared.definition.bitmap_disks()],
         })
@@ -279,17 +277,17 @@ class CheckpointService:
             fault_point("checkpoint.create.transaction")
             if prepared.actions:  # a checkpoint of no disk has no bitmap to add
                 try:
-                    await self._domain.qemu.transaction(prepared.actions)
+                    await self._ctx.qemu.transaction(prepared.actions)
                 except QmpCommandError as e:
                     raise translate_qmp(e) from None
                 finally:
-                    self._domain.invalidate()
+                    self._ctx.invalidate()
             fault_point("checkpoint.create.commit")
             await self.commit(prepared)
             fault_point("checkpoint.create.done")
         finally:
             # Reached on success and after a rollback alike; only a crash leaves the intent.
-            self._store.drop_intent(self._domain.name, key)
+            self._store.drop_intent(self._ctx.name, key)
 
     async def prepare(
         self, cp: CheckpointDef, info: DomainInfo | None = None
@@ -305,7 +303,7 @@ class CheckpointService:
         if name in self._checkpoints:
             raise AlreadyExists(f"checkpoint '{name}' already exists")
         if info is None:
-            info = await self._domain.info(max_age=0)
+            info = await self._ctx.info(max_age=0)
         cp = align_checkpoint(cp, [d.ref() for d in info.disks])
         actions = []
         for entry in cp.bitmap_disks():
@@ -334,33 +332,33 @@ class CheckpointService:
         cp = prepared.definition
         assert cp.name
         try:
-            self._store.save(self._domain.name, cp)
-            self._store.set_current(self._domain.name, cp.name)
+            self._store.save(self._ctx.name, cp)
+            self._store.set_current(self._ctx.name, cp.name)
         except VcfsError:
             await self.undo(prepared)
             raise
         self._checkpoints[cp.name] = Checkpoint(cp)
         self.current = cp.name
-        log.info("domain %s: created checkpoint %s", self._domain.name, cp.name)
+        log.info("domain %s: created checkpoint %s", self._ctx.name, cp.name)
 
     async def undo(self, prepared: PreparedCheckpoint) -> None:
         """Remove the bitmaps (and any metadata) of a checkpoint that could not be committed."""
         cp = prepared.definition
         assert cp.name
         try:
-            self._store.remove(self._domain.name, cp.name)
-            self._store.set_current(self._domain.name, self.current)
+            self._store.remove(self._ctx.name, cp.name)
+            self._store.set_current(self._ctx.name, self.current)
         except VcfsError as e:
-            log.error("domain %s: cannot roll back metadata of %s: %s", self._domain.name,
+            log.error("domain %s: cannot roll back metadata of %s: %s", self._ctx.name,
                       cp.name, e)
         try:
-            await self._domain.qemu.transaction(
+            await self._ctx.qemu.transaction(
                 [RemoveBitmap(a.node, a.name) for a in prepared.actions]
             )
         except VcfsError as e:
-            log.error("domain %s: cannot roll back bitmaps of %s: %s", self._domain.name,
+            log.error("domain %s: cannot roll back bitmaps of %s: %s", self._ctx.name,
                       cp.name, e)
-        self._domain.invalidate()
+        self._ctx.invalidate()
 
     # ---- redefining -------------------------------------------------------------------------
 
@@ -369,8 +367,8 @@ class CheckpointService:
         cp = self._codec.parse_checkpoint(document, redefine=True)
         assert cp.name
         name = check_checkpoint_name(cp.name)
-        async with self._domain.lock:
-            info = await self._domain.info(max_age=0)
+        async with self._ctx.lock:
+            info = await self._ctx.info(max_age=0)
             if cp.domain_xml is not None:
                 uuid, disks = self._codec.parse_domain(cp.domain_xml)
                 if uuid and info.uuid and uuid.lower() != info.uuid.lower():
@@ -391,19 +389,19 @@ class CheckpointService:
             # becomes current.
             becomes_current = self.current is None or cp.parent == self.current
             key = f"checkpoint-redefine-{name}"
-            self._store.put_intent(self._domain.name, key, {
+            self._store.put_intent(self._ctx.name, key, {
                 "op": "checkpoint-redefine", "name": name, "current": becomes_current})
             try:
                 fault_point("checkpoint.redefine.metadata")
-                self._store.save(self._domain.name, cp)
+                self._store.save(self._ctx.name, cp)
                 fault_point("checkpoint.redefine.current")
                 if becomes_current:
-                    self._store.set_current(self._domain.name, name)
+                    self._store.set_current(self._ctx.name, name)
                     self.current = name
             finally:
-                self._store.drop_intent(self._domain.name, key)
+                self._store.drop_intent(self._ctx.name, key)
             self._checkpoints[name] = Checkpoint(cp)
-        log.info("domain %s: redefined checkpoint %s", self._domain.name, name)
+        log.info("domain %s: redefined checkpoint %s", self._ctx.name, name)
         return name
 
     def _check_parent(self, name: str, parent: str | None) -> None:
@@ -450,7 +448,7 @@ class CheckpointService:
     async def delete(self, name: str, modes: Iterable[str] = ()) -> None:
         """Delete a checkpoint (and/or its descendants); all or nothing."""
         modes = set(modes)
-        async with self._domain.lock:
+        async with self._ctx.lock:
             self.require(name)
             victims = []
             if modes & {"children", "children-only"}:
@@ -460,7 +458,7 @@ class CheckpointService:
             if not victims:
                 return
             key = f"checkpoint-delete-{name}"
-            self._store.put_intent(self._domain.name, key, {
+            self._store.put_intent(self._ctx.name, key, {
                 "op": "checkpoint-delete", "victims": victims,
                 "metadata_only": "metadata-only" in modes,
                 "bitmaps": [[d.name, v] for v in victims
@@ -474,11 +472,11 @@ class CheckpointService:
                 self._forget(victims)
                 fault_point("checkpoint.delete.done")
             finally:
-                self._store.drop_intent(self._domain.name, key)
-        log.info("domain %s: deleted checkpoint(s) %s", self._domain.name, ", ".join(victims))
+                self._store.drop_intent(self._ctx.name, key)
+        log.info("domain %s: deleted checkpoint(s) %s", self._ctx.name, ", ".join(victims))
 
     async def _remove_bitmaps(self, victims: list[str]) -> None:
-        info = await self._domain.info(max_age=0)
+        info = await self._ctx.info(max_age=0)
         actions, missing = [], []
         for victim in victims:
             for entry in self._checkpoints[victim].definition.bitmap_disks():
@@ -498,9 +496,9 @@ class CheckpointService:
         if not actions:
             return  # a checkpoint of no disk (or whose disks all left): no bitmap to remove
         try:
-            await self._domain.qemu.transaction(actions)
+            await self._ctx.qemu.transaction(actions)
         finally:
-            self._domain.invalidate()
+            self._ctx.invalidate()
 
     def _forget(self, victims: list[str]) -> None:
         """Drop metadata of `victims`: survivors re-parent first, then files go, then current."""
@@ -514,12 +512,12 @@ class CheckpointService:
         for n, cp in self._checkpoints.items():
             if n not in gone and cp.parent in gone:
                 new_def = cp.definition.with_(parent=surviving_ancestor(cp.parent))
-                self._store.save(self._domain.name, new_def)
+                self._store.save(self._ctx.name, new_def)
                 cp.definition = new_def
         for victim in victims:
-            self._store.remove(self._domain.name, victim)
+            self._store.remove(self._ctx.name, victim)
         if self.current in gone:
             self.current = surviving_ancestor(self.current)
-            self._store.set_current(self._domain.name, self.current)
+            self._store.set_current(self._ctx.name, self.current)
         for victim in victims:
             del self._checkpoints[victim]

@@ -10,8 +10,6 @@ Thread rule: trio tasks only.
 from __future__ import annotations
 
 import logging
-import os
-import stat
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -21,17 +19,15 @@ import trio
 
 from vcfs.domain.backups import BackupService, ExportOpener
 from vcfs.domain.checkpoints import CheckpointService
+from vcfs.domain.context import INFO_TTL, DomainContext, Spawner
 from vcfs.domain.errorlog import ErrorLog
 from vcfs.domain.model import DomainInfo
-from vcfs.domain.ports import CheckpointStore, Codec, Qemu
+from vcfs.domain.ports import CheckpointStore, Codec, LocalSystem, Qemu
 from vcfs.domain.reader import BlockCache
 from vcfs.errors import VcfsError
 
 log = logging.getLogger(__name__)
 
-INFO_TTL = 0.5
-"""How long a DomainInfo is reused: disk changes show within a second, yet a burst of reads
-costs one round trip."""
 SCAN_INTERVAL = 1.0
 RETRY_FAILED_AFTER = 10.0
 """A socket nobody answers on (stale, or held by another client) is retried this rarely,
@@ -47,6 +43,8 @@ class Environment:
     runtime_dir: Path
     scratch_dir: Path
     open_export: ExportOpener
+    system: LocalSystem
+    """Files, sockets and ports of the host OS."""
     tls_dir: Path | None = None
     """x509 credentials for backup NBD servers with `tls='yes'`."""
     cache: BlockCache = field(default_factory=BlockCache)
@@ -54,38 +52,30 @@ class Environment:
 
 
 class Domain:
-    """One running QEMU: its monitor, briefly cached info, checkpoints, backups, error log."""
+    """One running QEMU: its monitor, briefly cached info, checkpoints, backups, error log.
 
-    def __init__(
-        self, name: str, qemu: Qemu, env: Environment, spawn: Callable[..., None]
-    ) -> None:
+    Composes the services over one `DomainContext`; they never call back into the Domain."""
+
+    def __init__(self, name: str, qemu: Qemu, env: Environment, spawn: Spawner) -> None:
         self.name = name
         self.qemu = qemu
-        self.spawn = spawn
-        """Start a background task that lives as long as the mount."""
+        self.context = DomainContext(name, qemu, spawn, env.system)
         self.errors = ErrorLog()
-        self.lock = trio.Lock()
-        self.checkpoints = CheckpointService(self, env.store, env.codec)
+        self.checkpoints = CheckpointService(self.context, env.store, env.codec)
         self.backups = BackupService(
-            self, env.store, env.codec, env.runtime_dir, env.scratch_dir, env.open_export,
-            env.tls_dir, env.cache,
+            self.context, self.checkpoints, env.store, env.codec, env.runtime_dir,
+            env.scratch_dir, env.open_export, env.tls_dir, env.cache,
         )
         self.created = time.time()
         self.socket_ino = 0
-        self._info: DomainInfo | None = None
-        self._info_at = 0.0
 
     async def info(self, max_age: float = INFO_TTL) -> DomainInfo:
         """The domain's disks and bitmaps, at most `max_age` seconds old."""
-        now = time.monotonic()
-        if self._info is None or now - self._info_at >= max_age:
-            self._info = await self.qemu.domain_info(self.name)
-            self._info_at = now
-        return self._info
+        return await self.context.info(max_age)
 
     def invalidate(self) -> None:
         """Forget the cached info: QEMU's state was just changed."""
-        self._info = None
+        self.context.invalidate()
 
     async def start(self) -> None:
         """Load metadata, finish or undo what a crash interrupted, report disagreements."""
@@ -188,22 +178,9 @@ class Host:
             self._scanned_at = trio.current_time()
 
     def _sockets(self) -> dict[str, int]:
-        found = {}
-        try:
-            entries = list(os.scandir(self.path))
-        except OSError as e:
-            log.warning("cannot list host directory %s: %s", self.path, e)
-            return {}
-        for entry in entries:
-            if not entry.name.endswith(".qmp") or entry.name.startswith("."):
-                continue
-            try:
-                st = entry.stat(follow_symlinks=True)
-            except OSError:
-                continue
-            if stat.S_ISSOCK(st.st_mode):
-                found[entry.name[: -len(".qmp")]] = st.st_ino
-        return found
+        """Domain name -> inode of its `NAME.qmp` socket."""
+        found = self._env.system.sockets(str(self.path))
+        return {n[: -len(".qmp")]: ino for n, ino in found.items() if n.endswith(".qmp")}
 
     async def _add(self, name: str, ino: int) -> None:
         try:

@@ -227,3 +227,28 @@ class Export(Protocol):
     def close(self) -> None:
         """Disconnect; calls in flight or later fail with BackendError."""
         ...
+
+
+class LocalSystem(Protocol):
+    """The few host-OS effects of the domain services: files they own, sockets, ports.
+
+    Plain blocking functions on small metadata (no data I/O): safe to call from trio tasks.
+    """
+
+    def remove(self, path: str) -> None:
+        """Delete a file vcfs made (a scratch image, a push target, a socket); a missing file
+        is no error."""
+        ...
+
+    def restrict(self, path: str) -> None:
+        """Make a file only its owner may open (mode 0600)."""
+        ...
+
+    def free_tcp_port(self, host: str) -> int:
+        """A TCP port nobody listens on now on `host`."""
+        ...
+
+    def sockets(self, directory: str) -> dict[str, int]:
+        """The unix sockets in `directory` (not hidden) by file name, with their inode numbers;
+        empty when the directory cannot be listed."""
+        ...

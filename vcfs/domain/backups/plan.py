@@ -1,0 +1,270 @@
+"""The plan of a backup: request + domain facts → the job, the steps that begin it, their undos.
+
+Pure functions, no I/O: validation and every default vcfs fills in (`plan_job`), the ordered
+steps of a begin with the fault point before each and the pieces each makes (`steps`), and the
+one QMP transaction (`transaction`). The undo of a step is the release of the pieces it made;
+`release.release` walks `pieces(job)` backwards, so a rollback, an end and a crash recovery undo
+things in one order: exports, block jobs, bitmaps, NBD server, TLS, nodes, files.
+
+Pull mode is image fleecing, as libvirt does it: per disk a qcow2 scratch overlay whose backing
+is the live disk, one `transaction` holding the new checkpoint's bitmap adds, the temporary
+merged bitmap of each incremental disk and `blockdev-backup sync=none`, then a read-only NBD
+export per disk. Push mode copies into a target file with `blockdev-backup
+sync=full|incremental`.
+Thread rule: any thread (pure).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from vcfs.domain.align import align_backup
+from vcfs.domain.backups.job import (
+    BLOCK_JOB,
+    CHECKPOINT_BITMAPS,
+    EXPORT,
+    FILE_NODE,
+    SERVER,
+    STORE_FILE,
+    STORE_NODE,
+    TEMP_BITMAP,
+    TLS,
+    BackupJob,
+    DiskJob,
+    Piece,
+)
+from vcfs.domain.checkpoints import PreparedCheckpoint
+from vcfs.domain.model import (
+    FULL,
+    INCREMENTAL,
+    PULL,
+    BackupDef,
+    BackupDisk,
+    BackupServer,
+    BackupStore,
+    CheckpointDef,
+    Disk,
+    DomainInfo,
+)
+from vcfs.domain.ports import Action, AddBitmap, BlockdevBackup, MergeBitmaps, NbdAddress
+from vcfs.errors import InvalidInput, NotFound, NotSupported
+
+# The steps of a begin, in order.
+CREATE_STORE = "create store"
+ADD_STORE_NODE = "add store node"
+ADD_TLS = "add TLS credentials"
+START_SERVER = "start NBD server"
+TRANSACTION = "transaction"
+ADD_EXPORT = "add export"
+COMMIT = "commit checkpoint"
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What planning needs to know of the domain and the mount, gathered by the service."""
+
+    domain: str
+    info: DomainInfo
+    """Fetched under the domain lock, fresh."""
+    checkpoints: Callable[[str], CheckpointDef | None]
+    """The definition of an existing checkpoint, by name."""
+    scratch_dir: Path
+    runtime_dir: Path
+    tls_configured: bool
+    serial: int
+    """Makes QEMU object names unique across jobs and restarts."""
+    now: int
+    free_tcp_port: Callable[[str], int]
+
+
+@dataclass(frozen=True)
+class Step:
+    """One effect of a begin: the fault point just before it and the pieces it makes."""
+
+    action: str
+    point: str | None
+    makes: tuple[Piece, ...] = ()
+    target: str = ""
+
+
+def plan_job(
+    job_id: str, backup: BackupDef, facts: Facts, prepared: PreparedCheckpoint | None
+) -> BackupJob:
+    """Validate the request and fill every default; the job as it will be begun."""
+    suffix = prepared.definition.name if prepared else str(facts.now)
+    assert suffix
+    info = facts.info
+    aligned = align_backup(backup, [d.ref() for d in info.disks], suffix)
+    if not aligned.backed_up():
+        raise InvalidInput("no disks selected for backup")
+    given = {d.name: d for d in backup.disks or ()}
+    jobs, disks_out = [], []
+    for index, entry in enumerate(aligned.disks or ()):
+        if not entry.backup:
+            disks_out.append(entry)
+            continue
+        disk = info.disk(entry.name)
+        assert disk is not None
+        entry, job = _plan_disk(facts, job_id, index, aligned.mode, entry, disk, given)
+        jobs.append(job)
+        disks_out.append(entry)
+    server = None
+    address = None
+    if aligned.mode == PULL:
+        server, address = _plan_server(facts, job_id, aligned.server)
+    definition = aligned.with_(disks=tuple(disks_out), server=server, checkpoint=None)
+    cp = prepared.definition if prepared else None
+    job = BackupJob(
+        job_id, aligned.mode, definition, jobs, address, cp.name if cp else None,
+        checkpoint_disks=tuple(d.name for d in cp.bitmap_disks()) if cp else (),
+    )
+    if server is not None and server.tls == "yes":
+        job.tls_object = f"vcfs{facts.serial}-tls"
+    return job
+
+
+def _plan_disk(
+    facts: Facts,
+    job_id: str,
+    index: int,
+    mode: str,
+    entry: BackupDisk,
+    disk: Disk,
+    given: dict[str, BackupDisk],
+) -> tuple[BackupDisk, DiskJob]:
+    """Validate one disk and fill every default; return the shown entry and its job."""
+    if entry.backupmode == INCREMENTAL:
+        _check_base(facts, entry, disk)
+    driver = entry.driver or "qcow2"
+    if mode == PULL and driver != "qcow2":
+        raise InvalidInput(f"pull mode backup for disk '{entry.name}' requires qcow2 driver")
+    if driver not in ("qcow2", "raw"):
+        raise NotSupported(f"target format '{driver}' is not supported (use qcow2 or raw)")
+    store = entry.store
+    assert store is not None
+    if mode == PULL and (given.get(entry.name) is None or given[entry.name].store is None):
+        # libvirt puts scratch files next to the disk image; vcfs keeps them in its own
+        # directory, so a backup never litters the VM's image directory.
+        store = BackupStore(str(facts.scratch_dir / f"{facts.domain}-{job_id}-"
+                                f"{entry.name}.qcow2"))
+    if store.kind != "file":
+        raise NotSupported(f"disk '{entry.name}': block device stores are not supported")
+    tag = f"vcfs{facts.serial}-{index}"
+    job = DiskJob(
+        target=entry.name, disk=disk, job_id=tag, store_path=store.path,
+        store_node=f"{tag}s", file_node=f"{tag}f", driver=driver,
+        incremental=entry.incremental if entry.backupmode == INCREMENTAL else None,
+    )
+    fields = {"store": store, "driver": driver, "type": "file"}
+    if mode == PULL:
+        job.export_id = tag
+        job.export_name = entry.exportname or entry.name
+        if job.incremental:
+            job.export_bitmap = entry.exportbitmap or f"backup-{entry.name}"
+        fields.update(exportname=job.export_name, exportbitmap=job.export_bitmap)
+    elif job.incremental:
+        job.temp_bitmap = f"backup-{entry.name}"
+    return replace(entry, **fields), job  # type: ignore[arg-type]
+
+
+def _check_base(facts: Facts, entry: BackupDisk, disk: Disk) -> None:
+    base = entry.incremental
+    assert base
+    covered = facts.checkpoints(base)
+    if covered is None:
+        raise NotFound(
+            f"Checkpoint '{base}' for incremental backup of disk '{entry.name}' not found"
+        )
+    if entry.name not in {d.name for d in covered.bitmap_disks()}:
+        raise InvalidInput(
+            f"checkpoint '{base}' does not cover disk '{entry.name}': back it up in full "
+            f"(<disk name='{entry.name}' backupmode='full'/>) or leave it out"
+        )
+    bitmap = disk.bitmap(base)
+    problem = "is missing" if bitmap is None else bitmap.usable_problem()
+    if problem:
+        raise InvalidInput(
+            f"checkpoint '{base}' is broken on disk '{entry.name}' (its bitmap {problem}): "
+            "an incremental backup from it is impossible; take a full backup"
+        )
+
+
+def _plan_server(
+    facts: Facts, job_id: str, server: BackupServer | None
+) -> tuple[BackupServer, NbdAddress]:
+    """The NBD server's address: given, or a unix socket in the 0700 runtime directory."""
+    if server is None:
+        path = facts.runtime_dir / f"{facts.domain}-backup-{job_id}.sock"
+        server = BackupServer(transport="unix", socket=str(path))
+    if server.tls == "yes" and not facts.tls_configured:
+        raise NotSupported("backup TLS directory not configured (mount with --tls-x509-dir)")
+    if server.transport == "unix":
+        assert server.socket
+        return server, NbdAddress("unix", path=server.socket)
+    if server.transport != "tcp":
+        raise NotSupported(f"transport {server.transport} is not supported for <server>")
+    host = server.name or "localhost"
+    port = server.port or facts.free_tcp_port(host)
+    server = BackupServer("tcp", name=host, port=port, tls=server.tls)
+    return server, NbdAddress("tcp", host=host, port=port)
+
+
+def steps(job: BackupJob) -> list[Step]:
+    """The steps that begin `job`, in order: stores, (pull) TLS and NBD server, the one
+    transaction, (pull) exports, the checkpoint's commit last."""
+    pull = job.mode == PULL
+    out: list[Step] = []
+    for d in job.disks:
+        t = d.target
+        out.append(Step(CREATE_STORE, "backup.create-store",
+                        (Piece(STORE_FILE, t), Piece(FILE_NODE, t)), t))
+        out.append(Step(ADD_STORE_NODE, "backup.add-store-node", (Piece(STORE_NODE, t),), t))
+    if pull:
+        if job.tls_object:
+            out.append(Step(ADD_TLS, None, (Piece(TLS),)))
+        out.append(Step(START_SERVER, "backup.nbd-server-start", (Piece(SERVER),)))
+    # Released in reverse: the block jobs are cancelled before the bitmaps they use go.
+    made = [Piece(CHECKPOINT_BITMAPS)] if job.checkpoint_disks else []
+    made += [Piece(TEMP_BITMAP, d.target) for d in job.disks if d.temp_bitmap]
+    made += [Piece(BLOCK_JOB, d.target) for d in job.disks]
+    out.append(Step(TRANSACTION, "backup.transaction", tuple(made)))
+    for d in job.disks if pull else ():
+        out.append(Step(ADD_EXPORT, "backup.export-add", (Piece(EXPORT, d.target),), d.target))
+    out.append(Step(COMMIT, "backup.commit"))
+    return out
+
+
+def pieces(job: BackupJob) -> list[Piece]:
+    """Everything a begin of `job` makes, in the order it makes it."""
+    return [p for s in steps(job) for p in s.makes]
+
+
+def transaction(job: BackupJob, checkpoint: list[AddBitmap]) -> list[Action]:
+    """The new checkpoint's bitmaps, each incremental disk's temporary bitmap (on the
+    scratch node for pull, on the disk for push) and the backup jobs: one atomic point."""
+    actions: list[Action] = list(checkpoint)
+    for d in job.disks:
+        if job.mode == PULL:
+            if d.incremental:
+                assert d.export_bitmap
+                actions += _merge_actions(d, d.store_node, d.export_bitmap)
+            actions.append(BlockdevBackup(d.disk.node, d.job_id, d.store_node, "none"))
+            continue
+        if d.temp_bitmap:
+            actions += _merge_actions(d, d.disk.node, d.temp_bitmap)
+        sync = INCREMENTAL if d.temp_bitmap else FULL
+        actions.append(BlockdevBackup(d.disk.node, d.job_id, d.store_node, sync, d.temp_bitmap))
+    return actions
+
+
+def _merge_actions(d: DiskJob, node: str, name: str) -> list[Action]:
+    """The temporary bitmap `name` on `node`, holding what changed since the base."""
+    assert d.incremental
+    base = d.disk.bitmap(d.incremental)
+    assert base is not None
+    return [
+        AddBitmap(node, name, persistent=False, disabled=True, granularity=base.granularity),
+        MergeBitmaps(node, name, ((d.disk.node, d.incremental),)),
+    ]

@@ -1,0 +1,172 @@
+"""The one release routine of a backup job, and the one cancel-and-wait of its QEMU jobs.
+
+Every way a job's pieces go away runs `release`: the rollback of a failed begin, the end of a
+pull job, each push disk whose QEMU job ended, `abandon`, and crash recovery over a job rebuilt
+from its record. It walks `plan.pieces(job)` backwards and releases those in `job.made` (or the
+subset asked for), best effort: one failing piece does not strand the others.
+Thread rule: trio tasks only; callers hold the domain lock or the job's lock.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Collection
+
+import trio
+
+from vcfs.domain.backups.job import (
+    BLOCK_JOB,
+    CHECKPOINT_BITMAPS,
+    COMPLETED,
+    EXPORT,
+    FILE_NODE,
+    SERVER,
+    STORE_FILE,
+    STORE_NODE,
+    TEMP_BITMAP,
+    TLS,
+    BackupJob,
+    Piece,
+    outcome,
+)
+from vcfs.domain.backups.plan import pieces as planned_pieces
+from vcfs.domain.context import DomainContext
+from vcfs.domain.model import DomainInfo
+from vcfs.domain.ports import Qemu, RemoveBitmap
+from vcfs.errors import BackendError, QmpCommandError, VcfsError
+
+log = logging.getLogger(__name__)
+
+CANCEL_TIMEOUT = 10.0
+LOCAL = frozenset({STORE_FILE, SERVER})
+"""Pieces with a part outside QEMU (the file; the server's unix socket): all that is left to
+release once QEMU is gone."""
+
+
+async def cancel_jobs(
+    qemu: Qemu, ids: Collection[str], timeout: float = CANCEL_TIMEOUT
+) -> dict[str, tuple[str, str | None]]:
+    """Cancel the QEMU jobs among `ids` that still run, wait until each has concluded and
+    dismiss it; return how each dismissed job ended (see `job.outcome`)."""
+    outcomes: dict[str, tuple[str, str | None]] = {}
+    for j in await qemu.jobs():
+        if j.id in ids and j.status not in ("concluded", "null"):
+            try:
+                await qemu.job_cancel(j.id)
+            except QmpCommandError as e:
+                log.debug("job %s ended before its cancel: %s", j.id, e)
+    with trio.move_on_after(timeout):
+        while True:
+            left = [j for j in await qemu.jobs() if j.id in ids]
+            for j in left:
+                if j.status == "concluded":
+                    outcomes[j.id] = outcome(j)
+                    await qemu.job_dismiss(j.id)
+            if not left:
+                return outcomes
+            await trio.sleep(0.005)
+    raise BackendError(f"jobs {', '.join(sorted(ids))} did not stop in {timeout:.0f} s")
+
+
+async def release(
+    ctx: DomainContext,
+    job: BackupJob,
+    info: DomainInfo | None = None,
+    *,
+    only: Collection[Piece] | None = None,
+    uncertain: bool = False,
+    keep_completed: bool = False,
+    local_only: bool = False,
+    level: int = logging.ERROR,
+) -> list[str]:
+    """Release the pieces of `job` that exist (`job.made`, narrowed to `only`), newest first.
+
+    `info`: the domain's disks, to find the nodes of the checkpoint's bitmaps (required when
+    those are released). `uncertain`: a crash left the job, so any piece may be gone already;
+    bitmaps are removed only where `info` shows them and failures are expected (logged at
+    debug). `keep_completed`: a push target whose QEMU job completed is kept (returned).
+    `local_only` (implied when QEMU is gone): only vcfs's own files are removed.
+    Shielded from cancellation: a release half done would strand what is left.
+    """
+    if uncertain:
+        level = logging.DEBUG
+    local_only = local_only or ctx.qemu.closed
+    todo = [p for p in reversed(planned_pieces(job))
+            if p in job.made and (only is None or p in only)]
+    block_jobs = {p: job.disk(p.target) for p in todo if p.kind == BLOCK_JOB}
+    outcomes: dict[str, tuple[str, str | None]] = {}
+    kept = []
+    with trio.CancelScope(shield=True):
+        for p in todo:
+            job.made.discard(p)
+            if local_only and p.kind not in LOCAL:
+                continue
+            d = job.disk(p.target) if p.target else None
+            try:
+                if p.kind == BLOCK_JOB:
+                    if block_jobs:  # all of them at once, at the first
+                        ids = {x.job_id for x in block_jobs.values() if x is not None}
+                        block_jobs = {}
+                        outcomes = await cancel_jobs(ctx.qemu, ids)
+                elif p.kind == STORE_FILE:
+                    assert d is not None
+                    if keep_completed and outcomes.get(d.job_id, ("",))[0] == COMPLETED:
+                        kept.append(d.store_path)
+                    else:
+                        ctx.system.remove(d.store_path)
+                elif p.kind == SERVER:
+                    await _stop_server(ctx, job, local_only)
+                else:
+                    await _release_in_qemu(ctx, job, p, info, uncertain)
+            except (VcfsError, OSError) as e:
+                log.log(level, "domain %s: backup %s: rollback step %s failed: %s", ctx.name,
+                        job.id, p, e)
+    if not local_only:
+        ctx.invalidate()
+    return kept
+
+
+async def _stop_server(ctx: DomainContext, job: BackupJob, local_only: bool) -> None:
+    try:
+        if not local_only:
+            await ctx.qemu.nbd_server_stop()
+    finally:
+        if job.socket:
+            ctx.system.remove(job.socket)
+
+
+async def _release_in_qemu(
+    ctx: DomainContext, job: BackupJob, p: Piece, info: DomainInfo | None, uncertain: bool
+) -> None:
+    qemu = ctx.qemu
+    d = job.disk(p.target) if p.target else None
+    if p.kind == FILE_NODE:
+        assert d is not None
+        await qemu.delete_node(d.file_node)
+    elif p.kind == STORE_NODE:
+        assert d is not None
+        await qemu.delete_node(d.store_node)
+    elif p.kind == EXPORT:
+        assert d is not None and d.export_id
+        await qemu.export_del(d.export_id)
+    elif p.kind == TLS:
+        assert job.tls_object
+        await qemu.object_del(job.tls_object)
+    elif p.kind == TEMP_BITMAP:
+        assert d is not None and d.temp_bitmap
+        disk = info.disk(d.target) if info is not None else d.disk
+        if uncertain and (disk is None or disk.bitmap(d.temp_bitmap) is None):
+            return
+        assert disk is not None
+        await qemu.transaction([RemoveBitmap(disk.node, d.temp_bitmap)])
+    elif p.kind == CHECKPOINT_BITMAPS:
+        assert info is not None and job.checkpoint
+        name = job.checkpoint
+        removals = [
+            RemoveBitmap(disk.node, name) for t in job.checkpoint_disks
+            if (disk := info.disk(t)) is not None and (not uncertain or disk.bitmap(name))
+        ]
+        if removals:
+            await qemu.transaction(removals)
+    else:
+        raise AssertionError(f"unknown piece {p}")
