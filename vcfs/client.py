@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TextIO
 
 from vcfs import mountinfo
-from vcfs.domain.names import RESERVED
+from vcfs.domain.names import CURRENT, RESERVED
 from vcfs.domain.status import COMPLETED, RUNNING, JobStatus, parse
 
 RATE_WINDOW = 5.0
@@ -98,7 +98,7 @@ def checkpoint_line(dom: Path) -> str:
     names = sorted(n for n in os.listdir(cps) if n not in RESERVED)
     if not names:
         return "checkpoints: none"
-    current = os.readlink(cps / "current") if os.path.lexists(cps / "current") else None
+    current = os.readlink(cps / CURRENT) if os.path.lexists(cps / CURRENT) else None
     shown = []
     for n in names:
         notes = ["current"] if n == current else []
