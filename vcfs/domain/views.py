@@ -4,27 +4,92 @@ and a sha256 of each image.
 All read the same NBD export. The qcow2 view's layout needs the whole extent map, so it is
 computed on first use (a few block-status round trips), then fixed for the job's life. Each
 image's checksum is taken while a reader streams it (see `checksum.StreamDigest`).
+The tree sees only the `images.Image` and `images.Document` interfaces `DiskViews` hands out.
 Thread rule: trio tasks only.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import trio
 
 from vcfs.domain import qcow2
 from vcfs.domain.checksum import StreamDigest, line_size, sha256sum_line
+from vcfs.domain.images import Document, Image
 from vcfs.domain.model import Disk
-from vcfs.domain.reader import BlockCache, BlockReader, ExportSource
+from vcfs.domain.qcow2 import Layout
+from vcfs.domain.reader import BlockCache, BlockReader, Buffer, ExportSource
 from vcfs.errors import BackendError
 
 DEFAULT_CLUSTER = 65536
 
 
+class RawImage:
+    """The disk as the guest saw it at the backup's point in time; holes from the extent map."""
+
+    def __init__(self, views: DiskViews, reader: BlockReader) -> None:
+        self._views = views
+        self._reader = reader
+
+    @property
+    def size(self) -> int:
+        return self._views.disk.size
+
+    def allocated(self) -> int:
+        return self._views.allocated()
+
+    async def read(self, offset: int, size: int) -> Buffer:
+        return await self._reader.read(offset, size)
+
+    async def seek(self, offset: int, data: bool) -> int | None:
+        return await self._views.seek_raw(offset, data)
+
+
+class Qcow2Image:
+    """The synthesized qcow2 file: every byte of it is data (its holes are in its tables)."""
+
+    def __init__(self, layout: Layout, reader: BlockReader) -> None:
+        self._layout = layout
+        self._reader = reader
+
+    @property
+    def size(self) -> int:
+        return self._layout.file_size
+
+    def allocated(self) -> int:
+        return self._layout.file_size
+
+    async def read(self, offset: int, size: int) -> Buffer:
+        return await self._reader.read(offset, size)
+
+    async def seek(self, offset: int, data: bool) -> int | None:
+        if offset >= self.size:
+            return None
+        return offset if data else self.size
+
+
+class RenderedDocument:
+    """A `Document` rendered by a coroutine function, of a size known in advance or not."""
+
+    def __init__(self, render: Callable[[], Awaitable[bytes]], size: int | None = None) -> None:
+        self._render = render
+        self._size = size
+
+    @property
+    def size(self) -> int | None:
+        return self._size
+
+    async def content(self) -> bytes:
+        return await self._render()
+
+
 class DiskViews:
-    """Raw, qcow2 and map views of one disk's point-in-time image."""
+    """Raw, qcow2 and map views of one disk's point-in-time image.
+
+    What the tree shows: `raw`, `qcow2()`, `extent_map`, `raw_checksum`, `qcow2_checksum`.
+    """
 
     def __init__(
         self,
@@ -43,23 +108,34 @@ class DiskViews:
         """File name an incremental image names as its backing file (the base's image)."""
         self._spawn = spawn
         self._cache = cache
-        self.raw = BlockReader(disk.size, source.load_raw, spawn, lambda: source.closed, cache)
+        self._raw = BlockReader(disk.size, source.load_raw, spawn, lambda: source.closed, cache)
         self.raw_digest = StreamDigest(
             disk.size, spawn, source.extents.known_zero,
             lambda pos: source.extents.seek(pos, True),
         )
-        self.raw.observe = self.raw_digest.observe
+        self._raw.observe = self.raw_digest.observe
         self.qcow2_name = saved_name or f"{disk.target}.qcow2"
         """The qcow2 image's name as saved (the naming convention), in its checksum line."""
-        self._qcow2: tuple[qcow2.Layout, BlockReader, StreamDigest] | None = None
+        self._qcow2: tuple[Layout, BlockReader, StreamDigest] | None = None
         self._lock = trio.Lock()
+        self._map_json: bytes | None = None
+        self.raw: Image = RawImage(self, self._raw)
+        """The raw point-in-time image (`<disk>`)."""
+        self.extent_map: Document = RenderedDocument(self.map_json)
+        """`<disk>.map`: the extents, JSON."""
+        self.raw_checksum: Document = RenderedDocument(self.raw_sha256, self.raw_sha256_size)
+        """`<disk>.sha256`."""
+        self.qcow2_checksum: Document = RenderedDocument(
+            self.qcow2_sha256, self.qcow2_sha256_size
+        )
+        """`<disk>.qcow2.sha256`."""
 
-    async def qcow2(self) -> tuple[qcow2.Layout, BlockReader]:
-        """The synthesized image's layout and reader (computed once)."""
+    async def qcow2(self) -> Image:
+        """The synthesized qcow2 image (`<disk>.qcow2`; its layout computed on first use)."""
         lay, reader, _ = await self._qcow2_views()
-        return lay, reader
+        return Qcow2Image(lay, reader)
 
-    async def _qcow2_views(self) -> tuple[qcow2.Layout, BlockReader, StreamDigest]:
+    async def _qcow2_views(self) -> tuple[Layout, BlockReader, StreamDigest]:
         async with self._lock:
             if self._qcow2 is None:
                 cs = self.disk.cluster_size or DEFAULT_CLUSTER
@@ -68,7 +144,7 @@ class DiskViews:
                     await self.source.extents.all(), self.disk.size, cs, self.incremental, backing
                 )
 
-                async def load(start: int, end: int) -> bytes:
+                async def load(start: int, end: int) -> Buffer:
                     return await qcow2.read(lay, start, end - start, self.source.read_ranges)
 
                 reader = BlockReader(
@@ -92,7 +168,7 @@ class DiskViews:
     async def raw_sha256(self) -> bytes:
         """`sha256sum` of the raw image: at once after one whole sequential read (holes
         skipped by SEEK_DATA count as zeros), else by reading the rest of it now."""
-        digest = await self.raw_digest.digest(self.raw.read)
+        digest = await self.raw_digest.digest(self._raw.read)
         return sha256sum_line(digest, self.disk.target)
 
     async def qcow2_sha256(self) -> bytes:
@@ -106,20 +182,17 @@ class DiskViews:
         Rendered once per job: the point-in-time image never changes, and `stat` (for the
         file's exact size) asks for it as often as `cat` does.
         """
-        cached: bytes | None = getattr(self, "_map_json", None)
-        if cached is not None:
-            return cached
-        extents = [
-            {"start": e.start, "length": e.length, "zero": e.zero, "dirty": e.dirty}
-            for e in await self.source.extents.all()
-        ]
-        merged: list[dict[str, object]] = []
-        for e in extents:
+        if self._map_json is not None:
+            return self._map_json
+        merged: list[dict[str, int | bool]] = []
+        for e in await self.source.extents.all():
             last = merged[-1] if merged else None
-            if last and (last["zero"], last["dirty"]) == (e["zero"], e["dirty"]):
-                last["length"] = int(last["length"]) + int(e["length"])  # type: ignore[call-overload]
+            if last and (last["zero"], last["dirty"]) == (e.zero, e.dirty):
+                last["length"] += e.length
             else:
-                merged.append(e)
+                merged.append(
+                    {"start": e.start, "length": e.length, "zero": e.zero, "dirty": e.dirty}
+                )
         self._map_json = (json.dumps(merged, indent=None) + "\n").encode()
         return self._map_json
 
@@ -139,12 +212,12 @@ class DiskViews:
     @property
     def bytes_served(self) -> int:
         """Bytes read through any view (the pull job's progress)."""
-        return self.raw.bytes_served + (self._qcow2[1].bytes_served if self._qcow2 else 0)
+        return self._raw.bytes_served + (self._qcow2[1].bytes_served if self._qcow2 else 0)
 
     def close(self) -> None:
         """End all reading: every waiting or later read fails with EIO."""
         self.source.close()
-        self.raw.close()
+        self._raw.close()
         self.raw_digest.close()
         if self._qcow2:
             self._qcow2[1].close()

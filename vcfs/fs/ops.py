@@ -1,8 +1,9 @@
 """pyfuse3 Operations over the tree: a thin, typed protocol adapter.
 
-Each request resolves its path from the root, asks the node, and maps domain errors to errno in
-one place (`_failure`), recording the message in the domain's `errors`. Any other exception is
-logged and becomes EIO: a handler must never take the mount down.
+Each request resolves its path from the root and asks the node. Every handler is `guarded`: the
+one place where a domain error becomes its errno, recorded in the domain's `errors` against the
+path the request is about; any other exception is logged and becomes EIO, since a handler must
+never take the mount down.
 Thread rule: trio tasks on the pyfuse3 main loop.
 """
 
@@ -15,7 +16,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import pyfuse3
 import trio
@@ -23,12 +24,11 @@ import trio
 from vcfs.errors import InvalidInput, TooLarge, VcfsError
 from vcfs.fs.errnos import errno_for, errno_name
 from vcfs.fs.inodes import InodeTable
-from vcfs.tree.fstree import Tree
 from vcfs.tree.nodes import MAX_REQUEST, ControlFile, Dir, ImageFile, Kind, Link, Node, ReadFile
 
 log = logging.getLogger(__name__)
 
-F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+H = TypeVar("H", bound=Callable[..., Awaitable[Any]])
 
 # Nothing is cached by the kernel: lookups are in-memory and cheap, and checkpoints, `current`
 # and domains change under the kernel's feet.
@@ -40,20 +40,75 @@ IMAGE_BLKSIZE = 1 << 20
 KIND_BITS = {Kind.DIR: 0o040000, Kind.FILE: 0o100000, Kind.LINK: 0o120000}
 
 
-def guarded(fn: F) -> F:
-    """Turn unexpected exceptions into EIO instead of letting them kill the mount."""
+class Tree(Protocol):
+    """What the handlers ask of the tree (`fstree.Tree`; a fake in the handler tests)."""
 
-    @functools.wraps(fn)
-    async def wrapper(*args: Any) -> Any:
-        try:
-            return await fn(*args)
-        except pyfuse3.FUSEError:
-            raise
-        except Exception:
-            log.exception("unexpected error in %s", fn.__name__)
-            raise pyfuse3.FUSEError(errno.EIO) from None
+    async def resolve(self, path: Sequence[str]) -> Node | None:
+        """The node at `path`, or None."""
+        ...
 
-    return wrapper  # type: ignore[return-value]
+    def report(self, path: Sequence[str], code: str, message: str) -> None:
+        """Record a failed request about `path` in its domain's `errors`."""
+        ...
+
+
+Where = Callable[..., Sequence[str]]
+"""The path a request is about, from the handler's own arguments (`self` first): its failure is
+recorded in that path's domain's `errors`."""
+
+
+def guarded(where: Where | None) -> Callable[[H], H]:
+    """The one place a handler's failure becomes an errno.
+
+    A `FUSEError` passes unchanged. A domain error (`VcfsError`) becomes its errno
+    (`errnos.errno_for`) and is recorded against `where(self, *args)`, so that the client sees
+    why its request failed in `<dom>/errors` (a path outside any domain records nothing; so do
+    requests about no path, with no `where`). Anything else is a bug: logged with its traceback
+    and turned into EIO, because a handler raising anything but FUSEError takes the whole mount
+    down.
+    """
+
+    def decorate(fn: H) -> H:
+        @functools.wraps(fn)
+        async def wrapper(self: Operations, *args: Any) -> Any:
+            try:
+                return await fn(self, *args)
+            except pyfuse3.FUSEError:
+                raise
+            except VcfsError as e:
+                raise self._failure(_where(where, self, args), e) from None
+            except Exception:
+                log.exception("unexpected error in %s", fn.__name__)
+                raise pyfuse3.FUSEError(errno.EIO) from None
+
+        return wrapper  # type: ignore[return-value]  # same signature: *args passed through
+
+    return decorate
+
+
+def _where(where: Where | None, ops: Operations, args: tuple[Any, ...]) -> Sequence[str]:
+    """The path of a failed request; the root (no domain's `errors`) if it is gone meanwhile."""
+    if where is None:
+        return ()
+    try:
+        return where(ops, *args)
+    except (pyfuse3.FUSEError, KeyError):  # inode forgotten, handle released
+        return ()
+
+
+def at_inode(ops: Operations, inode: int, *_: Any) -> Sequence[str]:
+    """A request about an inode (getattr, open, opendir, …)."""
+    return ops._path(inode)
+
+
+def at_entry(ops: Operations, parent_inode: int, name: bytes, *_: Any) -> Sequence[str]:
+    """A request about a name in a directory (lookup, mkdir, rmdir)."""
+    return (*ops._path(parent_inode), os.fsdecode(name))
+
+
+def at_handle(ops: Operations, fh: int, *_: Any) -> Sequence[str]:
+    """A request about an open handle (read, write, readdir, …)."""
+    return ops._handles[fh].path
 
 
 @dataclass
@@ -122,10 +177,7 @@ class Operations(pyfuse3.Operations):
             h = self._handles[fh]
             if h.pid == pid and h.path == path and isinstance(h.node, ReadFile):
                 return h.content
-        try:
-            return await node.render()
-        except VcfsError as e:
-            raise self._failure(path, e) from None
+        return await node.render()
 
     def _attr(
         self, path: tuple[str, ...], node: Node, content: bytes | None = None
@@ -149,9 +201,9 @@ class Operations(pyfuse3.Operations):
         if isinstance(node, Link):
             attr.st_size = len(node.target.encode())
         elif isinstance(node, ImageFile):
-            attr.st_size = node.size
+            attr.st_size = node.image.size
             # The allocated size, so that `cp` makes a sparse copy.
-            attr.st_blocks = -(-node.allocated() // 512)
+            attr.st_blocks = -(-node.image.allocated() // 512)
         elif isinstance(node, ReadFile) and (content is not None or node.size is not None):
             size = node.size if node.size is not None else len(content or b"")
             attr.st_size = size
@@ -171,26 +223,23 @@ class Operations(pyfuse3.Operations):
 
     # ---- metadata ---------------------------------------------------------------------------
 
-    @guarded
+    @guarded(at_entry)
     async def lookup(
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         path = (*self._path(parent_inode), os.fsdecode(name))
-        try:
-            node = await self._node(path)
-        except VcfsError as e:
-            raise self._failure(path, e) from None
+        node = await self._node(path)
         attr = self._attr(path, node, await self._content(path, node, ctx.pid))
         self.inodes.remember(attr.st_ino)
         return attr
 
-    @guarded
+    @guarded(at_inode)
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         path = self._path(inode)
         node = await self._node(path)
         return self._attr(path, node, await self._content(path, node, ctx.pid))
 
-    @guarded
+    @guarded(at_inode)
     async def setattr(
         self,
         inode: int,
@@ -209,17 +258,19 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EPERM)
         return self._attr(path, node)
 
-    @guarded
+    @guarded(at_inode)
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
         node = await self._node(self._path(inode))
         if not isinstance(node, Link):
             raise pyfuse3.FUSEError(errno.EINVAL)
         return os.fsencode(node.target)
 
+    @guarded(None)
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for inode, count in inode_list:
             self.inodes.forget(inode, count)
 
+    @guarded(None)
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         st = pyfuse3.StatvfsData()
         st.f_bsize = st.f_frsize = 4096
@@ -228,7 +279,7 @@ class Operations(pyfuse3.Operations):
 
     # ---- directories ------------------------------------------------------------------------
 
-    @guarded
+    @guarded(at_inode)
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         path = self._path(inode)
         node = await self._node(path)
@@ -236,15 +287,12 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         return self._new_handle(Handle(path, node))
 
-    @guarded
+    @guarded(at_handle)
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         handle = self._handles[fh]
         node = handle.node
         assert isinstance(node, Dir)
-        try:
-            names = await node.names()
-        except VcfsError as e:
-            raise self._failure(handle.path, e) from None
+        names = await node.names()
         # Offsets are inode numbers, listed in inode order: stable even when entries come and
         # go between two calls, unlike list positions.
         entries = []
@@ -264,6 +312,7 @@ class Operations(pyfuse3.Operations):
                 break
             self.inodes.remember(ino)
 
+    @guarded(None)
     async def releasedir(self, fh: int) -> None:
         self._handles.pop(fh, None)
 
@@ -275,17 +324,17 @@ class Operations(pyfuse3.Operations):
         return parent, (*parent_path, os.fsdecode(name))
 
     async def _act(self, what: str, path: tuple[str, ...], action: Awaitable[object]) -> None:
-        """Run a mutation; log it with its duration, or report its failure."""
+        """Run a mutation; log it with its duration, failed or not."""
         started = time.monotonic()
         try:
             await action
-        except VcfsError as e:
+        except VcfsError:  # reported by `guarded`
             log.info("%s %s failed (%.1f ms)", what, "/".join(path),
                      (time.monotonic() - started) * 1e3)
-            raise self._failure(path, e) from None
+            raise
         log.info("%s %s (%.1f ms)", what, "/".join(path), (time.monotonic() - started) * 1e3)
 
-    @guarded
+    @guarded(at_entry)
     async def mkdir(
         self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
@@ -295,14 +344,14 @@ class Operations(pyfuse3.Operations):
         self.inodes.remember(attr.st_ino)
         return attr
 
-    @guarded
+    @guarded(at_entry)
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         parent, path = await self._parent_dir(parent_inode, name)
         await self._act("rmdir", path, parent.rmdir(path[-1]))
 
     # ---- files ------------------------------------------------------------------------------
 
-    @guarded
+    @guarded(at_inode)
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         path = self._path(inode)
         node = await self._node(path)
@@ -313,10 +362,7 @@ class Operations(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.EACCES)
             # One rendering per handle: every read of it, and its opener's fstat, see one
             # consistent snapshot.
-            try:
-                handle.content = await node.render()
-            except VcfsError as e:
-                raise self._failure(path, e) from None
+            handle.content = await node.render()
             handle.pid = ctx.pid
         elif isinstance(node, ControlFile):
             # Write-only, but a read-only open reads it as empty (its st_size is 0), so that
@@ -339,17 +385,15 @@ class Operations(pyfuse3.Operations):
         # made before the content changed (status, errors) reported; no stale page cache.
         return pyfuse3.FileInfo(fh=self._new_handle(handle), direct_io=True)
 
-    @guarded
+    @guarded(at_handle)
     async def read(self, fh: int, off: int, size: int) -> bytes:
         handle = self._handles[fh]
         if isinstance(handle.node, ImageFile):
-            try:
-                return await handle.node.read(off, size)
-            except VcfsError as e:
-                raise self._failure(handle.path, e) from None
+            # pyfuse3 sends any buffer (bytes, bytearray, memoryview) without a copy.
+            return await handle.node.image.read(off, size)  # type: ignore[return-value]
         return handle.content[off : off + size]
 
-    @guarded
+    @guarded(at_handle)
     async def lseek(self, fh: int, offset: int, whence: int, ctx: pyfuse3.RequestContext) -> int:
         # The kernel forwards only SEEK_DATA and SEEK_HOLE (it answers SEEK_SET/CUR/END).
         # Images answer from their extents, so `cp`, `tar --sparse` and `qemu-img convert`
@@ -360,10 +404,7 @@ class Operations(pyfuse3.Operations):
         if not data and whence != os.SEEK_HOLE:
             raise pyfuse3.FUSEError(errno.EINVAL)
         if isinstance(node, ImageFile):
-            try:
-                found = await node.seek(offset, data)
-            except VcfsError as e:
-                raise self._failure(handle.path, e) from None
+            found = await node.image.seek(offset, data)
         else:
             size = len(handle.content)
             found = None if offset >= size else offset if data else size
@@ -371,7 +412,7 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENXIO)
         return found
 
-    @guarded
+    @guarded(at_handle)
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         handle = self._handles[fh]
         node = handle.node
@@ -379,24 +420,23 @@ class Operations(pyfuse3.Operations):
         handle.buffer += buf
         try:
             if len(handle.buffer) > MAX_REQUEST:
-                handle.buffer.clear()
                 raise TooLarge(f"request larger than {MAX_REQUEST} bytes")
             requests, rest = node.split(bytes(handle.buffer))
             handle.buffer[:] = rest
-        except VcfsError as e:
-            handle.buffer.clear()
-            raise self._failure(handle.path, e) from None
+        except VcfsError:
+            handle.buffer.clear()  # a malformed request is dropped whole, not retried
+            raise
         for request in requests:
             await self._act("write", handle.path, node.submit(request))
         return len(buf)
 
-    @guarded
+    @guarded(at_handle)
     async def flush(self, fh: int) -> None:
         handle = self._handles[fh]
         if isinstance(handle.node, ControlFile) and bytes(handle.buffer).strip():
             handle.buffer.clear()
-            e = InvalidInput("incomplete request at close (no complete document or line)")
-            raise self._failure(handle.path, e)
+            raise InvalidInput("incomplete request at close (no complete document or line)")
 
+    @guarded(None)
     async def release(self, fh: int) -> None:
         self._handles.pop(fh, None)

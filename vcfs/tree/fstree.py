@@ -15,6 +15,8 @@ from vcfs.domain.backups import BackupJob, BackupService
 from vcfs.domain.checkpoints import CheckpointService
 from vcfs.domain.host import Domain, Host
 from vcfs.domain.ports import Codec
+from vcfs.domain.views import DiskViews
+from vcfs.errors import NotFound
 from vcfs.tree.nodes import ControlFile, Dir, ImageFile, Link, Node, ReadFile
 
 
@@ -198,7 +200,7 @@ class BackupDir(Dir):
         if name == "status":
             return ReadFile(lambda: self.backups.status(job_id), self.mtime)
         if name == "disks":
-            return DisksDir(self.job, self.mtime)
+            return DisksDir(self.backups, self.job, self.mtime)
         return None
 
 
@@ -207,41 +209,46 @@ class DisksDir(Dir):
     point-in-time image), `<disk>.qcow2` (synthesized), `<disk>.map` (extents, JSON), and
     `<disk>.sha256` / `<disk>.qcow2.sha256` (each image's checksum, sha256sum format)."""
 
-    def __init__(self, job: BackupJob, mtime: float) -> None:
+    SUFFIXES = ("", ".qcow2", ".map", ".sha256", ".qcow2.sha256")
+    KINDS = ("qcow2.sha256", "sha256", "qcow2", "map")
+    """The suffixes of `child`, longest first: `vda.qcow2.sha256` is not a `.sha256` of
+    `vda.qcow2`."""
+
+    def __init__(self, backups: BackupService, job: BackupJob, mtime: float) -> None:
         super().__init__(mtime)
+        self.backups = backups
         self.job = job
+
+    def _views(self, target: str) -> DiskViews | None:
+        try:
+            return self.backups.views(self.job.id, target)
+        except NotFound:  # a push job's disk, or the job has ended
+            return None
 
     async def names(self) -> list[str]:
         return [
             f"{d.target}{suffix}"
             for d in self.job.disks
-            if d.views is not None
-            for suffix in ("", ".qcow2", ".map", ".sha256", ".qcow2.sha256")
+            if self._views(d.target) is not None
+            for suffix in self.SUFFIXES
         ]
 
     async def child(self, name: str) -> Node | None:
-        kind = next(
-            (k for k in ("qcow2.sha256", "sha256", "qcow2", "map") if name.endswith(f".{k}")), ""
-        )
+        kind = next((k for k in self.KINDS if name.endswith(f".{k}")), "")
         target = name[: -len(kind) - 1] if kind else name
-        d = self.job.disk(target)
-        if d is None or d.views is None:
+        views = self._views(target)
+        if views is None:
             return None
-        views = d.views
         if kind == "":
-            return ImageFile(
-                d.disk.size, views.raw.read, views.allocated, self.mtime, views.seek_raw
-            )
+            return ImageFile(views.raw, self.mtime)
         if kind == "qcow2":
-            layout, reader = await views.qcow2()
-            return ImageFile(layout.file_size, reader.read, lambda: layout.file_size, self.mtime)
-        if kind == "map":
-            return ReadFile(views.map_json, self.mtime)
-        if kind == "sha256":
-            return ReadFile(views.raw_sha256, self.mtime, size=views.raw_sha256_size)
-        if kind == "qcow2.sha256":
-            return ReadFile(views.qcow2_sha256, self.mtime, size=views.qcow2_sha256_size)
-        return None
+            return ImageFile(await views.qcow2(), self.mtime)
+        document = {
+            "map": views.extent_map,
+            "sha256": views.raw_checksum,
+            "qcow2.sha256": views.qcow2_checksum,
+        }[kind]
+        return ReadFile(document.content, self.mtime, size=document.size)
 
 
 async def _value(data: bytes) -> bytes:

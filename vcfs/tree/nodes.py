@@ -11,6 +11,7 @@ import enum
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from vcfs.domain.images import Image
 from vcfs.errors import NotPermitted
 
 MAX_REQUEST = 1 << 20
@@ -111,28 +112,8 @@ class Link(Node):
 
 
 class ImageFile(Node):
-    """A read-only disk image of known size, read at any offset (immutable: cacheable).
+    """A read-only disk image of known size, read at any offset (immutable: cacheable)."""
 
-    `seek(offset, data)` answers lseek's SEEK_DATA (`data`) and SEEK_HOLE: the first offset at
-    or after `offset` holding data or reading as zeros (the end counts as zeros), None past
-    the end or when no data follows. Without it the whole image is data.
-    """
-
-    def __init__(
-        self,
-        size: int,
-        read: Callable[[int, int], Awaitable[bytes | bytearray | memoryview]],
-        allocated: Callable[[], int],
-        mtime: float,
-        seek: Callable[[int, bool], Awaitable[int | None]] | None = None,
-    ) -> None:
+    def __init__(self, image: Image, mtime: float) -> None:
         super().__init__(Kind.FILE, 0o400, mtime)
-        self.size = size
-        self.read = read
-        self.allocated = allocated
-        self.seek = seek or self._all_data
-
-    async def _all_data(self, offset: int, data: bool) -> int | None:
-        if offset >= self.size:
-            return None
-        return offset if data else self.size
+        self.image = image
