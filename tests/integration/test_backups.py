@@ -532,7 +532,9 @@ def test_live_pull_backup_shows_every_default(vm, mnt, sh):
     assert listing(backups) == ["1", "latest", "new"]
     assert listing(backups / "1") == ["disks", "status", "xml"]
     assert listing(backups / "1/disks") == [
-        "vda", "vda.map", "vda.qcow2", "vdb", "vdb.map", "vdb.qcow2"
+        f"{disk}{suffix}"
+        for disk in ("vda", "vdb")
+        for suffix in ("", ".map", ".qcow2", ".qcow2.sha256", ".sha256")
     ]
     assert os.readlink(backups / "latest") == "1"
     status = (backups / "1/status").read_text().splitlines()
