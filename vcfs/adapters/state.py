@@ -20,7 +20,7 @@ from typing import Any
 
 from vcfs.adapters import xmlcodec
 from vcfs.domain.model import CheckpointDef
-from vcfs.errors import BackendError, InvalidInput, NoSpace, TooLarge
+from vcfs.errors import BackendError, InvalidInput, NoSpace, TooLarge, VcfsError
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def unlink_durably(path: Path, what: str) -> None:
         raise os_error(f"cannot remove {what}", e) from None
 
 
-def os_error(what: str, e: OSError) -> BackendError:
+def os_error(what: str, e: OSError) -> VcfsError:
     """The domain error for a local I/O failure (ENOSPC gets its own)."""
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         return NoSpace(f"{what}: no space left")

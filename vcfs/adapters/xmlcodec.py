@@ -345,8 +345,8 @@ def _serialize(el: etree._Element, depth: int | None, outer: dict) -> list[str]:
         if not el.text:
             return [f"{pad}{head}/>{nl}"]
         return [f"{pad}{head}>{_esc(el.text)}</{tag}>{nl}"]
-    mixed = depth is None or any(t.strip() for t in [el.text or ""] + [c.tail or "" for c in el])
-    if mixed:
+    # Mixed content (or inside it): no indentation, which would change the text.
+    if depth is None or any(t.strip() for t in [el.text or ""] + [c.tail or "" for c in el]):
         out = [f"{pad}{head}>{_esc(el.text or '')}"]
         for child in children:
             out += _serialize(child, None, nsmap)

@@ -55,8 +55,9 @@ def align_checkpoint(cp: CheckpointDef, disks: Sequence[DiskRef]) -> CheckpointD
         chosen[disk.target] = CheckpointDisk(disk.target, entry.checkpoint, entry.bitmap)
     aligned = []
     for disk in disks:
-        entry = chosen.get(disk.target)
-        if entry is None:
+        if disk.target in chosen:
+            entry = chosen[disk.target]
+        else:
             kind = NO if disk.empty or disk.read_only else default
             entry = CheckpointDisk(disk.target, kind)
         if entry.checkpoint == BITMAP and not entry.bitmap:

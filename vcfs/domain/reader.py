@@ -141,7 +141,7 @@ class ExportSource:
         export = await self._handle()
         pieces = await self._in_thread(export.read_ranges, ranges)
         self.nbd_bytes += sum(n for _, n in ranges)
-        return pieces
+        return list(pieces)  # list[bytes] is no list[Buffer] to mypy (lists are invariant)
 
     async def load_raw(self, start: int, end: int) -> Block:
         """Bytes [start, end) of the raw image: None when all zero, else only the data read
@@ -275,7 +275,7 @@ class BlockReader:
         if offset >= end:
             return b""
         first, last = offset // BLOCK, (end - 1) // BLOCK
-        parts = []
+        parts: list[Buffer] = []
         for b in range(first, last + 1):
             block = await self._block(b)
             lo = max(offset, b * BLOCK) - b * BLOCK
