@@ -6,11 +6,14 @@ No FUSE and no QEMU: `treefakes.FakeHost` stands for the host and its domains' s
 
 from __future__ import annotations
 
+import errno
 from typing import Any
 
+import pyfuse3
 import pytest
 
-from tests.unit.treefakes import FakeCodec, FakeDomain, FakeHost, FakeViews, run
+from tests.unit.treefakes import FakeCodec, FakeDomain, FakeHost, FakeViews, ctx, run
+from vcfs.fs.ops import Operations
 from vcfs.tree.fstree import DisksDir, Tree
 from vcfs.tree.nodes import ControlFile, Dir, ImageFile, Link, Node, ReadFile
 
@@ -220,3 +223,19 @@ def test_an_ended_backups_files_vanish(w: World) -> None:
     del w.vm.backups.jobs["1"]
     assert run(disks.names) == []
     assert run(disks.child, "vda") is None
+
+
+def test_the_handlers_over_the_tree_record_failures_in_the_domains_errors(w: World) -> None:
+    """fs/ops over the real tree: a failed request is one line of `<dom>/errors`, at the
+    path inside the domain, with its errno's name."""
+    ops = Operations(w.tree)  # type: ignore[arg-type]
+    inode = pyfuse3.ROOT_INODE
+    for name in ("vm", "checkpoints"):
+        inode = run(ops.lookup, inode, name.encode(), ctx()).st_ino
+    with pytest.raises(pyfuse3.FUSEError) as failed:
+        run(ops.mkdir, inode, b"mon", 0o755, ctx())
+    assert failed.value.errno == errno.EEXIST
+    lines = w.read("vm/errors").decode().splitlines()
+    assert [line.split(" ", 1)[1] for line in lines] == [
+        "checkpoints/mon EEXIST checkpoint 'mon' already exists"
+    ]

@@ -17,7 +17,7 @@ import trio
 
 from vcfs.domain.errorlog import ErrorLog
 from vcfs.domain.reader import Buffer
-from vcfs.errors import BackendError, NotFound, VcfsError
+from vcfs.errors import AlreadyExists, BackendError, NotFound, VcfsError
 from vcfs.tree.nodes import Dir, Node
 
 
@@ -236,6 +236,8 @@ class FakeCheckpoints:
         return "cp"
 
     async def create_default(self, name: str) -> None:
+        if name in self.cps:
+            raise AlreadyExists(f"checkpoint '{name}' already exists")
         self.calls.append(("create_default", name))
 
     @staticmethod
