@@ -58,7 +58,7 @@ def test_the_raw_image_is_the_disk_with_its_holes() -> None:
         assert await raw.seek(2 * 65536, True) == 5 * MiB
         assert await raw.seek(5 * MiB + 65536, True) is None
         assert await raw.seek(SIZE, True) is None
-        await views.map_json()
+        await views.extent_map.content()
         assert raw.allocated() == 3 * 65536  # exact once the map is known
 
     with_views(check)

@@ -29,22 +29,30 @@ DEFAULT_CLUSTER = 65536
 class RawImage:
     """The disk as the guest saw it at the backup's point in time; holes from the extent map."""
 
-    def __init__(self, views: DiskViews, reader: BlockReader) -> None:
-        self._views = views
+    def __init__(self, disk: Disk, source: ExportSource, reader: BlockReader) -> None:
+        self._disk = disk
+        self._source = source
         self._reader = reader
 
     @property
     def size(self) -> int:
-        return self._views.disk.size
+        return self._disk.size
 
     def allocated(self) -> int:
-        return self._views.allocated()
+        """Exact once the extent map is known; until then QEMU's figure for the image file,
+        so that a `stat` never waits for the map."""
+        known = self._source.extents.known()
+        if known is None:
+            return min(self._disk.allocated, self._disk.size)
+        return sum(e.length for e in known if not e.zero)
 
     async def read(self, offset: int, size: int) -> Buffer:
         return await self._reader.read(offset, size)
 
     async def seek(self, offset: int, data: bool) -> int | None:
-        return await self._views.seek_raw(offset, data)
+        if self._source.closed:
+            raise BackendError("the backup has ended")
+        return await self._source.extents.seek(offset, data)
 
 
 class Qcow2Image:
@@ -89,6 +97,7 @@ class DiskViews:
     """Raw, qcow2 and map views of one disk's point-in-time image.
 
     What the tree shows: `raw`, `qcow2()`, `extent_map`, `raw_checksum`, `qcow2_checksum`.
+    What the backup job reads and does: `bytes_served`, `nbd_bytes`, `close()`.
     """
 
     def __init__(
@@ -109,24 +118,25 @@ class DiskViews:
         self._spawn = spawn
         self._cache = cache
         self._raw = BlockReader(disk.size, source.load_raw, spawn, lambda: source.closed, cache)
-        self.raw_digest = StreamDigest(
+        self._raw_digest = StreamDigest(
             disk.size, spawn, source.extents.known_zero,
             lambda pos: source.extents.seek(pos, True),
         )
-        self._raw.observe = self.raw_digest.observe
+        self._raw.observe = self._raw_digest.observe
         self.qcow2_name = saved_name or f"{disk.target}.qcow2"
         """The qcow2 image's name as saved (the naming convention), in its checksum line."""
         self._qcow2: tuple[Layout, BlockReader, StreamDigest] | None = None
         self._lock = trio.Lock()
-        self._map_json: bytes | None = None
-        self.raw: Image = RawImage(self, self._raw)
+        self._map_cache: bytes | None = None
+        self.raw: Image = RawImage(disk, source, self._raw)
         """The raw point-in-time image (`<disk>`)."""
-        self.extent_map: Document = RenderedDocument(self.map_json)
+        self.extent_map: Document = RenderedDocument(self._render_map)
         """`<disk>.map`: the extents, JSON."""
-        self.raw_checksum: Document = RenderedDocument(self.raw_sha256, self.raw_sha256_size)
+        # A checksum line's length is known before its digest: `stat` must not read a disk.
+        self.raw_checksum: Document = RenderedDocument(self._raw_sha256, line_size(disk.target))
         """`<disk>.sha256`."""
         self.qcow2_checksum: Document = RenderedDocument(
-            self.qcow2_sha256, self.qcow2_sha256_size
+            self._qcow2_sha256, line_size(self.qcow2_name)
         )
         """`<disk>.qcow2.sha256`."""
 
@@ -155,35 +165,25 @@ class DiskViews:
                 self._qcow2 = (lay, reader, digest)
             return self._qcow2
 
-    @property
-    def raw_sha256_size(self) -> int:
-        """The raw image's checksum line's length, known before its digest."""
-        return line_size(self.disk.target)
-
-    @property
-    def qcow2_sha256_size(self) -> int:
-        """The qcow2 image's checksum line's length, known before its digest."""
-        return line_size(self.qcow2_name)
-
-    async def raw_sha256(self) -> bytes:
+    async def _raw_sha256(self) -> bytes:
         """`sha256sum` of the raw image: at once after one whole sequential read (holes
         skipped by SEEK_DATA count as zeros), else by reading the rest of it now."""
-        digest = await self.raw_digest.digest(self._raw.read)
+        digest = await self._raw_digest.digest(self._raw.read)
         return sha256sum_line(digest, self.disk.target)
 
-    async def qcow2_sha256(self) -> bytes:
-        """`sha256sum` of the qcow2 image, named as saved (see `raw_sha256`)."""
+    async def _qcow2_sha256(self) -> bytes:
+        """`sha256sum` of the qcow2 image, named as saved (see `_raw_sha256`)."""
         _, reader, stream = await self._qcow2_views()
         return sha256sum_line(await stream.digest(reader.read), self.qcow2_name)
 
-    async def map_json(self) -> bytes:
+    async def _render_map(self) -> bytes:
         """The extent map in ovirt-imageio's schema, adjacent equal extents merged.
 
         Rendered once per job: the point-in-time image never changes, and `stat` (for the
         file's exact size) asks for it as often as `cat` does.
         """
-        if self._map_json is not None:
-            return self._map_json
+        if self._map_cache is not None:
+            return self._map_cache
         merged: list[dict[str, int | bool]] = []
         for e in await self.source.extents.all():
             last = merged[-1] if merged else None
@@ -193,21 +193,13 @@ class DiskViews:
                 merged.append(
                     {"start": e.start, "length": e.length, "zero": e.zero, "dirty": e.dirty}
                 )
-        self._map_json = (json.dumps(merged, indent=None) + "\n").encode()
-        return self._map_json
+        self._map_cache = (json.dumps(merged, indent=None) + "\n").encode()
+        return self._map_cache
 
-    async def seek_raw(self, offset: int, data: bool) -> int | None:
-        """lseek's SEEK_DATA (`data`) / SEEK_HOLE on the raw image, from the extent map."""
-        if self.source.closed:
-            raise BackendError("the backup has ended")
-        return await self.source.extents.seek(offset, data)
-
-    def allocated(self) -> int:
-        """Bytes of the raw image that hold data: exact once the map is known, else estimated."""
-        known = self.source.extents.known()
-        if known is None:
-            return min(self.disk.allocated, self.disk.size)
-        return sum(e.length for e in known if not e.zero)
+    @property
+    def nbd_bytes(self) -> int:
+        """Bytes read from NBD for any view (zeros and cached blocks cost none)."""
+        return self.source.nbd_bytes
 
     @property
     def bytes_served(self) -> int:
@@ -218,7 +210,7 @@ class DiskViews:
         """End all reading: every waiting or later read fails with EIO."""
         self.source.close()
         self._raw.close()
-        self.raw_digest.close()
+        self._raw_digest.close()
         if self._qcow2:
             self._qcow2[1].close()
             self._qcow2[2].close()
