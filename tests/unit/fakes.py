@@ -290,19 +290,22 @@ class FakeQemu:
 
 
 class FakeSystem:
-    """The host OS over the fake QEMU's file set (the files vcfs and QEMU make)."""
+    """The host OS over the fake QEMUs' file sets (the files vcfs and QEMU make)."""
 
     def __init__(self, qemu: FakeQemu | None = None) -> None:
-        self.qemu = qemu
+        self.qemus = [qemu] if qemu else []
+        """The QEMUs whose files this host holds."""
         self.restricted: list[str] = []
         self.fail_restrict: OSError | None = None
+        self.socket_files: dict[str, int] = {}
+        """What `sockets` reports: file name -> inode."""
 
     def remove(self, path: str) -> None:
-        if self.qemu is not None:
-            self.qemu.files.discard(path)
+        for q in self.qemus:
+            q.files.discard(path)
 
     def restrict(self, path: str) -> None:
-        assert self.qemu is None or path in self.qemu.files, f"no file {path}"
+        assert not self.qemus or any(path in q.files for q in self.qemus), f"no file {path}"
         if self.fail_restrict:
             raise self.fail_restrict
         self.restricted.append(path)
@@ -311,7 +314,7 @@ class FakeSystem:
         return 10809
 
     def sockets(self, directory: str) -> dict[str, int]:
-        return {}
+        return dict(self.socket_files)
 
 
 class FakeStore:

@@ -10,6 +10,8 @@ Order of effects, so that no failure leaves anything half-made: create runs the 
 first and writes metadata only if it succeeded (removing the bitmaps again if the write fails);
 delete validates everything, removes all bitmaps in one transaction, then rewrites metadata.
 The service reaches QEMU, the lock and the domain's facts through a `DomainContext`.
+Over 400 lines on purpose: one class owns the metadata tree (`_checkpoints`, `current`) and
+every mutation of it, with its rollback and crash recovery, so its invariants live in one place.
 Thread rule: trio tasks only; every mutation holds the domain's lock.
 """
 

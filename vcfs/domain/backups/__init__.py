@@ -7,15 +7,9 @@
 - `service`: `BackupService`, the thin service the tree calls.
 """
 
-from vcfs.domain.backups.job import (
-    CANCELLED,
-    COMPLETED,
-    FAILED,
-    RUNNING,
-    BackupJob,
-    DiskJob,
-)
+from vcfs.domain.backups.job import BackupJob, DiskJob
 from vcfs.domain.backups.service import BackupService, ExportOpener
+from vcfs.domain.status import CANCELLED, COMPLETED, FAILED, RUNNING
 
 __all__ = [
     "CANCELLED",

@@ -100,15 +100,15 @@ def plan_job(
     if not aligned.backed_up():
         raise InvalidInput("no disks selected for backup")
     given = {d.name: d for d in backup.disks or ()}
-    jobs, disks_out = [], []
+    disk_jobs, disks_out = [], []
     for index, entry in enumerate(aligned.disks or ()):
         if not entry.backup:
             disks_out.append(entry)
             continue
         disk = info.disk(entry.name)
         assert disk is not None
-        entry, job = _plan_disk(facts, job_id, index, aligned.mode, entry, disk, given)
-        jobs.append(job)
+        entry, disk_job = _plan_disk(facts, job_id, index, aligned.mode, entry, disk, given)
+        disk_jobs.append(disk_job)
         disks_out.append(entry)
     server = None
     address = None
@@ -117,7 +117,7 @@ def plan_job(
     definition = aligned.with_(disks=tuple(disks_out), server=server, checkpoint=None)
     cp = prepared.definition if prepared else None
     job = BackupJob(
-        job_id, aligned.mode, definition, jobs, address, cp.name if cp else None,
+        job_id, aligned.mode, definition, disk_jobs, address, cp.name if cp else None,
         checkpoint_disks=tuple(d.name for d in cp.bitmap_disks()) if cp else (),
     )
     if server is not None and server.tls == "yes":

@@ -17,7 +17,6 @@ import trio
 from vcfs.domain.backups.job import (
     BLOCK_JOB,
     CHECKPOINT_BITMAPS,
-    COMPLETED,
     EXPORT,
     FILE_NODE,
     SERVER,
@@ -33,6 +32,7 @@ from vcfs.domain.backups.plan import pieces as planned_pieces
 from vcfs.domain.context import DomainContext
 from vcfs.domain.model import DomainInfo
 from vcfs.domain.ports import Qemu, RemoveBitmap
+from vcfs.domain.status import COMPLETED
 from vcfs.errors import BackendError, QmpCommandError, VcfsError
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,8 @@ async def release(
     local_only = local_only or ctx.qemu.closed
     todo = [p for p in reversed(planned_pieces(job))
             if p in job.made and (only is None or p in only)]
-    block_jobs = {p: job.disk(p.target) for p in todo if p.kind == BLOCK_JOB}
+    # The QEMU jobs are cancelled together, when the first of them comes up: one wait for all.
+    job_ids = {d.job_id for d in job.disks if Piece(BLOCK_JOB, d.target) in todo}
     outcomes: dict[str, tuple[str, str | None]] = {}
     kept = []
     with trio.CancelScope(shield=True):
@@ -104,9 +105,8 @@ async def release(
             d = job.disk(p.target) if p.target else None
             try:
                 if p.kind == BLOCK_JOB:
-                    if block_jobs:  # all of them at once, at the first
-                        ids = {x.job_id for x in block_jobs.values() if x is not None}
-                        block_jobs = {}
+                    if job_ids:
+                        ids, job_ids = job_ids, set()
                         outcomes = await cancel_jobs(ctx.qemu, ids)
                 elif p.kind == STORE_FILE:
                     assert d is not None

@@ -18,8 +18,6 @@ from pathlib import Path
 
 from vcfs.domain.backups.job import (
     CHECKPOINT_BITMAPS,
-    COMPLETED,
-    RUNNING,
     SERVER,
     STARTED,
     BackupJob,
@@ -49,7 +47,7 @@ from vcfs.domain.model import PULL, PUSH, BackupDef, CheckpointDef, DomainInfo
 from vcfs.domain.names import check_checkpoint_name, check_job_name
 from vcfs.domain.ports import BlockJob, CheckpointStore, Codec, Export, NbdAddress
 from vcfs.domain.reader import BlockCache, ExportSource
-from vcfs.domain.status import DiskProgress, JobStatus
+from vcfs.domain.status import COMPLETED, RUNNING, DiskProgress, JobStatus
 from vcfs.domain.status import render as render_status
 from vcfs.domain.views import DiskViews
 from vcfs.errors import AlreadyExists, BackendError, Busy, NotFound, QmpCommandError, VcfsError

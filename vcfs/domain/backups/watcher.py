@@ -17,11 +17,7 @@ import trio
 
 from vcfs.domain.backups.job import (
     BLOCK_JOB,
-    CANCELLED,
-    COMPLETED,
-    FAILED,
     FILE_NODE,
-    RUNNING,
     STORE_FILE,
     STORE_NODE,
     TEMP_BITMAP,
@@ -32,6 +28,7 @@ from vcfs.domain.backups.job import (
 )
 from vcfs.domain.backups.release import CANCEL_TIMEOUT, cancel_jobs, release
 from vcfs.domain.context import DomainContext
+from vcfs.domain.status import CANCELLED, COMPLETED, FAILED, RUNNING
 from vcfs.errors import BackendError, VcfsError
 
 log = logging.getLogger(__name__)
