@@ -126,7 +126,7 @@ class BackupService:
                 disks.append(DiskProgress(d.target, min(done, d.disk.size), d.disk.size))
             else:
                 disks.append(DiskProgress(d.target, d.done, d.total or d.disk.size))
-        nbd = (sum(d.views.source.nbd_bytes for d in job.disks if d.views)
+        nbd = (sum(d.views.nbd_bytes for d in job.disks if d.views)
                if job.mode == PULL else None)
         return render_status(JobStatus(job.state, job.mode, disks, nbd, job.error)).encode()
 
