@@ -22,6 +22,8 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+import trio
+
 from vcfs.domain.align import align_checkpoint, fill_bitmap_names
 from vcfs.domain.context import DomainContext
 from vcfs.domain.faults import fault_point
@@ -284,7 +286,13 @@ class CheckpointService:
                     raise translate_qmp(e) from None
                 finally:
                     self._ctx.invalidate()
-            fault_point("checkpoint.create.commit")
+            try:
+                fault_point("checkpoint.create.commit")
+            except BaseException:
+                # The bitmaps exist but no metadata will: remove them, or they would stay
+                # behind with neither metadata nor intent (`commit` undoes its own failures).
+                await self.undo(prepared)
+                raise
             await self.commit(prepared)
             fault_point("checkpoint.create.done")
         finally:
@@ -354,9 +362,10 @@ class CheckpointService:
             log.error("domain %s: cannot roll back metadata of %s: %s", self._ctx.name,
                       cp.name, e)
         try:
-            await self._ctx.qemu.transaction(
-                [RemoveBitmap(a.node, a.name) for a in prepared.actions]
-            )
+            with trio.CancelScope(shield=True):  # a cancelled request must not strand them
+                await self._ctx.qemu.transaction(
+                    [RemoveBitmap(a.node, a.name) for a in prepared.actions]
+                )
         except VcfsError as e:
             log.error("domain %s: cannot roll back bitmaps of %s: %s", self._ctx.name,
                       cp.name, e)
@@ -393,16 +402,22 @@ class CheckpointService:
             key = f"checkpoint-redefine-{name}"
             self._store.put_intent(self._ctx.name, key, {
                 "op": "checkpoint-redefine", "name": name, "current": becomes_current})
+            saved = done = False
             try:
                 fault_point("checkpoint.redefine.metadata")
                 self._store.save(self._ctx.name, cp)
+                saved = True
+                self._checkpoints[name] = Checkpoint(cp)
                 fault_point("checkpoint.redefine.current")
                 if becomes_current:
                     self._store.set_current(self._ctx.name, name)
                     self.current = name
+                done = True
             finally:
-                self._store.drop_intent(self._ctx.name, key)
-            self._checkpoints[name] = Checkpoint(cp)
+                # Once the metadata is written the redefine is decided: a failure after it
+                # leaves the intent, so the next start makes the checkpoint current too.
+                if done or not saved:
+                    self._store.drop_intent(self._ctx.name, key)
         log.info("domain %s: redefined checkpoint %s", self._ctx.name, name)
         return name
 
@@ -466,18 +481,24 @@ class CheckpointService:
                 "bitmaps": [[d.name, v] for v in victims
                             for d in self._checkpoints[v].definition.bitmap_disks()],
             })
+            removed = done = False
             try:
                 fault_point("checkpoint.delete.transaction")
                 if "metadata-only" not in modes:
-                    await self._remove_bitmaps(victims)
+                    removed = await self._remove_bitmaps(victims)
                 fault_point("checkpoint.delete.metadata")
                 self._forget(victims)
                 fault_point("checkpoint.delete.done")
+                done = True
             finally:
-                self._store.drop_intent(self._ctx.name, key)
+                # Bitmaps cannot be put back: once they are gone the delete is decided, and a
+                # failure after it leaves the intent, so the next start finishes the metadata.
+                if done or not removed:
+                    self._store.drop_intent(self._ctx.name, key)
         log.info("domain %s: deleted checkpoint(s) %s", self._ctx.name, ", ".join(victims))
 
-    async def _remove_bitmaps(self, victims: list[str]) -> None:
+    async def _remove_bitmaps(self, victims: list[str]) -> bool:
+        """Remove the victims' bitmaps in one transaction; whether there were any."""
         info = await self._ctx.info(max_age=0)
         actions, missing = [], []
         for victim in victims:
@@ -496,11 +517,12 @@ class CheckpointService:
                 "of a broken checkpoint)"
             )
         if not actions:
-            return  # a checkpoint of no disk (or whose disks all left): no bitmap to remove
+            return False  # a checkpoint of no disk (or whose disks all left): no bitmap
         try:
             await self._ctx.qemu.transaction(actions)
         finally:
             self._ctx.invalidate()
+        return True
 
     def _forget(self, victims: list[str]) -> None:
         """Drop metadata of `victims`: survivors re-parent first, then files go, then current."""
