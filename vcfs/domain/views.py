@@ -110,10 +110,10 @@ class DiskViews:
         cache: BlockCache,
         saved_name: str | None = None,
     ) -> None:
-        self.disk = disk
-        self.source = source
-        self.incremental = incremental
-        self.backing = backing
+        self._disk = disk
+        self._source = source
+        self._incremental = incremental
+        self._backing = backing
         """File name an incremental image names as its backing file (the base's image)."""
         self._spawn = spawn
         self._cache = cache
@@ -123,7 +123,7 @@ class DiskViews:
             lambda pos: source.extents.seek(pos, True),
         )
         self._raw.observe = self._raw_digest.observe
-        self.qcow2_name = saved_name or f"{disk.target}.qcow2"
+        self._qcow2_name = saved_name or f"{disk.target}.qcow2"
         """The qcow2 image's name as saved (the naming convention), in its checksum line."""
         self._qcow2: tuple[Layout, BlockReader, StreamDigest] | None = None
         self._lock = trio.Lock()
@@ -136,7 +136,7 @@ class DiskViews:
         self.raw_checksum: Document = RenderedDocument(self._raw_sha256, line_size(disk.target))
         """`<disk>.sha256`."""
         self.qcow2_checksum: Document = RenderedDocument(
-            self._qcow2_sha256, line_size(self.qcow2_name)
+            self._qcow2_sha256, line_size(self._qcow2_name)
         )
         """`<disk>.qcow2.sha256`."""
 
@@ -148,17 +148,16 @@ class DiskViews:
     async def _qcow2_views(self) -> tuple[Layout, BlockReader, StreamDigest]:
         async with self._lock:
             if self._qcow2 is None:
-                cs = self.disk.cluster_size or DEFAULT_CLUSTER
-                backing = (self.backing, "qcow2") if self.incremental and self.backing else None
-                lay = qcow2.layout(
-                    await self.source.extents.all(), self.disk.size, cs, self.incremental, backing
-                )
+                cs = self._disk.cluster_size or DEFAULT_CLUSTER
+                backing = (self._backing, "qcow2") if self._incremental and self._backing else None
+                extents = await self._source.extents.all()
+                lay = qcow2.layout(extents, self._disk.size, cs, self._incremental, backing)
 
                 async def load(start: int, end: int) -> Buffer:
-                    return await qcow2.read(lay, start, end - start, self.source.read_ranges)
+                    return await qcow2.read(lay, start, end - start, self._source.read_ranges)
 
                 reader = BlockReader(
-                    lay.file_size, load, self._spawn, lambda: self.source.closed, self._cache
+                    lay.file_size, load, self._spawn, lambda: self._source.closed, self._cache
                 )
                 digest = StreamDigest(lay.file_size, self._spawn)  # no holes: all read
                 reader.observe = digest.observe
@@ -169,12 +168,12 @@ class DiskViews:
         """`sha256sum` of the raw image: at once after one whole sequential read (holes
         skipped by SEEK_DATA count as zeros), else by reading the rest of it now."""
         digest = await self._raw_digest.digest(self._raw.read)
-        return sha256sum_line(digest, self.disk.target)
+        return sha256sum_line(digest, self._disk.target)
 
     async def _qcow2_sha256(self) -> bytes:
         """`sha256sum` of the qcow2 image, named as saved (see `_raw_sha256`)."""
         _, reader, stream = await self._qcow2_views()
-        return sha256sum_line(await stream.digest(reader.read), self.qcow2_name)
+        return sha256sum_line(await stream.digest(reader.read), self._qcow2_name)
 
     async def _render_map(self) -> bytes:
         """The extent map in ovirt-imageio's schema, adjacent equal extents merged.
@@ -185,7 +184,7 @@ class DiskViews:
         if self._map_cache is not None:
             return self._map_cache
         merged: list[dict[str, int | bool]] = []
-        for e in await self.source.extents.all():
+        for e in await self._source.extents.all():
             last = merged[-1] if merged else None
             if last and (last["zero"], last["dirty"]) == (e.zero, e.dirty):
                 last["length"] += e.length
@@ -199,7 +198,7 @@ class DiskViews:
     @property
     def nbd_bytes(self) -> int:
         """Bytes read from NBD for any view (zeros and cached blocks cost none)."""
-        return self.source.nbd_bytes
+        return self._source.nbd_bytes
 
     @property
     def bytes_served(self) -> int:
@@ -208,7 +207,7 @@ class DiskViews:
 
     def close(self) -> None:
         """End all reading: every waiting or later read fails with EIO."""
-        self.source.close()
+        self._source.close()
         self._raw.close()
         self._raw_digest.close()
         if self._qcow2:
