@@ -228,7 +228,7 @@ def test_an_ended_backups_files_vanish(w: World) -> None:
 def test_the_handlers_over_the_tree_record_failures_in_the_domains_errors(w: World) -> None:
     """fs/ops over the real tree: a failed request is one line of `<dom>/errors`, at the
     path inside the domain, with its errno's name."""
-    ops = Operations(w.tree)  # type: ignore[arg-type]
+    ops = Operations(w.tree)
     inode = pyfuse3.ROOT_INODE
     for name in ("vm", "checkpoints"):
         inode = run(ops.lookup, inode, name.encode(), ctx()).st_ino

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+from collections.abc import Awaitable, Callable, Iterator
 
 import pyfuse3
 import pytest
@@ -25,6 +26,7 @@ from tests.unit.treefakes import (
     run,
     setattr_fields,
 )
+from vcfs.domain.reader import Buffer
 from vcfs.errors import Busy, InvalidInput, NotFound
 from vcfs.fs import ops as ops_module
 from vcfs.fs.ops import IMAGE_BLKSIZE, Operations
@@ -55,7 +57,7 @@ class World:
             }
         )
         self.tree = FakeTree(FakeDir({"dom": self.dom}))
-        self.ops = Operations(self.tree, cache_images)  # type: ignore[arg-type]
+        self.ops = Operations(self.tree, cache_images)
 
     def lookup(self, *path: str, pid: int = 100) -> pyfuse3.EntryAttributes:
         inode = ROOT
@@ -98,7 +100,7 @@ def closed_element(buffer: bytes) -> bool:
     return buffer.rstrip().endswith(b"/>") or b"</" in buffer
 
 
-def fuse_errno(fn, *args) -> int:  # type: ignore[no-untyped-def]
+def fuse_errno(fn: Callable[..., Awaitable[object]], *args: object) -> int:
     """The errno a handler call fails with."""
     with pytest.raises(pyfuse3.FUSEError) as info:
         run(fn, *args)
@@ -111,7 +113,7 @@ def w() -> World:
 
 
 @pytest.fixture(autouse=True)
-def no_unexpected_errors(caplog: pytest.LogCaptureFixture):  # type: ignore[no-untyped-def]
+def no_unexpected_errors(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
     """An expected failure is reported, never logged as a traceback: any ERROR fails the test
     unless the test itself inspects the log (and clears it)."""
     with caplog.at_level(logging.WARNING, logger="vcfs"):
@@ -467,13 +469,13 @@ def test_an_unexpected_exception_is_eio_and_logged(
 
 def test_a_failure_whose_handle_is_gone_is_still_mapped(w: World) -> None:
     """`where` cannot name the path of a released handle: the error is mapped all the same."""
+    class ReleasedWhileRead(FakeImage):
+        async def read(self, offset: int, size: int) -> Buffer:
+            await w.ops.release(fh)
+            raise boom()
+
+    w.dom.children["vda"] = ImageFile(ReleasedWhileRead(bytes(4096)), MTIME)
     fh = w.open("dom", "vda")
-
-    async def read_then_release(off: int, size: int) -> bytes:
-        await w.ops.release(fh)
-        raise boom()
-
-    w.image.read = read_then_release  # type: ignore[method-assign]
     assert fuse_errno(w.ops.read, fh, 0, 1) == errno.EIO
     assert w.tree.reports == [((), "EIO", "nbd connection lost")]
 
