@@ -89,8 +89,8 @@ def run_mount(args: argparse.Namespace) -> int:
     read_fd, write_fd = os.pipe()
     if os.fork():
         os.close(write_fd)
-        with os.fdopen(read_fd, "rb") as pipe:
-            report = pipe.read().decode(errors="replace")
+        with os.fdopen(read_fd, "rb") as reader:
+            report = reader.read().decode(errors="replace")
         if report == "ok":
             return 0
         raise StartError(report or "mount failed (see the log)")

@@ -41,7 +41,7 @@ def setup_logging(debug: bool, log_file: Path | None, to_stderr: bool = True) ->
     names the level between spaces."""
     handlers: list[logging.Handler] = []
     if to_stderr:
-        handler = logging.StreamHandler()
+        handler: logging.Handler = logging.StreamHandler()
         handler.setFormatter(
             JournalFormatter() if stderr_is_journal() else logging.Formatter(TIMESTAMPED)
         )
