@@ -1,34 +1,31 @@
 """pyfuse3 Operations over the tree: a thin, typed protocol adapter.
 
-Each request resolves its path from the root and asks the node. Every handler is `guarded`: the
-one place where a domain error becomes its errno, recorded in the domain's `errors` against the
-path the request is about; any other exception is logged and becomes EIO, since a handler must
-never take the mount down.
+Each request resolves its path from the root and asks the node. Every handler is
+`errnos.guarded`, the one place where a domain error becomes its errno, recorded in the domain's
+`errors` against the path the request is about (`at_inode`, `at_entry`, `at_handle`); any other
+exception is logged and becomes EIO, since a handler must never take the mount down.
 Thread rule: trio tasks on the pyfuse3 main loop.
 """
 
 from __future__ import annotations
 
 import errno
-import functools
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 import pyfuse3
 import trio
 
 from vcfs.errors import InvalidInput, TooLarge, VcfsError
-from vcfs.fs.errnos import errno_for, errno_name
+from vcfs.fs.errnos import guarded
 from vcfs.fs.inodes import InodeTable
 from vcfs.tree.nodes import MAX_REQUEST, ControlFile, Dir, ImageFile, Kind, Link, Node, ReadFile
 
 log = logging.getLogger(__name__)
-
-H = TypeVar("H", bound=Callable[..., Awaitable[Any]])
 
 # Nothing is cached by the kernel: lookups are in-memory and cheap, and checkpoints, `current`
 # and domains change under the kernel's feet.
@@ -50,50 +47,6 @@ class Tree(Protocol):
     def report(self, path: Sequence[str], code: str, message: str) -> None:
         """Record a failed request about `path` in its domain's `errors`."""
         ...
-
-
-Where = Callable[..., Sequence[str]]
-"""The path a request is about, from the handler's own arguments (`self` first): its failure is
-recorded in that path's domain's `errors`."""
-
-
-def guarded(where: Where | None) -> Callable[[H], H]:
-    """The one place a handler's failure becomes an errno.
-
-    A `FUSEError` passes unchanged. A domain error (`VcfsError`) becomes its errno
-    (`errnos.errno_for`) and is recorded against `where(self, *args)`, so that the client sees
-    why its request failed in `<dom>/errors` (a path outside any domain records nothing; so do
-    requests about no path, with no `where`). Anything else is a bug: logged with its traceback
-    and turned into EIO, because a handler raising anything but FUSEError takes the whole mount
-    down.
-    """
-
-    def decorate(fn: H) -> H:
-        @functools.wraps(fn)
-        async def wrapper(self: Operations, *args: Any) -> Any:
-            try:
-                return await fn(self, *args)
-            except pyfuse3.FUSEError:
-                raise
-            except VcfsError as e:
-                raise self._failure(_where(where, self, args), e) from None
-            except Exception:
-                log.exception("unexpected error in %s", fn.__name__)
-                raise pyfuse3.FUSEError(errno.EIO) from None
-
-        return wrapper  # type: ignore[return-value]  # same signature: *args passed through
-
-    return decorate
-
-
-def _where(where: Where | None, ops: Operations, args: tuple[Any, ...]) -> Sequence[str]:
-    """The path of a failed request; the root (no domain's `errors`) if it is gone meanwhile."""
-    if where is None:
-        return ()
-    try:
-        return where(ops, *args)
-    except (pyfuse3.FUSEError, KeyError):  # inode forgotten, handle released
-        return ()
 
 
 def at_inode(ops: Operations, inode: int, *_: Any) -> Sequence[str]:
@@ -158,11 +111,6 @@ class Operations(pyfuse3.Operations):
         if node is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
         return node
-
-    def _failure(self, path: Sequence[str], e: VcfsError) -> pyfuse3.FUSEError:
-        code = errno_for(e)
-        self.tree.report(path, errno_name(code), str(e))
-        return pyfuse3.FUSEError(code)
 
     async def _content(self, path: tuple[str, ...], node: Node, pid: int) -> bytes | None:
         """What a read of `node` returns, for its st_size; None when it is not a ReadFile.
