@@ -59,3 +59,16 @@ def median(values: list[float]) -> float:
     s = sorted(values)
     mid = len(s) // 2
     return s[mid] if len(s) % 2 else (s[mid - 1] + s[mid]) / 2
+
+
+def vcfs_pid(mnt: Path) -> int:
+    """The vcfs process serving `mnt` (its command line names the mount point)."""
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"vcfs" in cmdline and str(mnt).encode() in cmdline:
+                return int(pid)
+    raise RuntimeError(f"no vcfs process serves {mnt}")

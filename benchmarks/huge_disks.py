@@ -29,7 +29,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from benchmarks.harness import drop_caches, median, vcfs_mounted
+from benchmarks.harness import drop_caches, median, vcfs_mounted, vcfs_pid
 from tests.vm import VM, DiskSpec
 from vcfs.domain.reader import BLOCK, CACHE_BYTES, LOADING
 
@@ -65,19 +65,6 @@ def tmpfs(path: Path) -> Iterator[Path]:
         yield path
     finally:
         subprocess.run(["umount", "-l", str(path)], check=False)
-
-
-def vcfs_pid(mnt: Path) -> int:
-    """The vcfs process serving `mnt`."""
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if b"vcfs" in b" ".join(cmd) and str(mnt).encode() in cmd:
-                return int(pid)
-    raise RuntimeError(f"no vcfs process serves {mnt}")
 
 
 def rss(pid: int) -> int:

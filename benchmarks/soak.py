@@ -18,24 +18,11 @@ import threading
 import time
 from pathlib import Path
 
-from benchmarks.harness import vcfs_mounted
+from benchmarks.harness import vcfs_mounted, vcfs_pid
 from tests.vm import VM, DiskSpec
 
 MiB = 1 << 20
 READERS = 16
-
-
-def vcfs_pid(mnt: Path) -> int:
-    """The vcfs process serving `mnt`."""
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if b"vcfs" in cmdline and str(mnt).encode() in cmdline:
-                return int(pid)
-    raise RuntimeError("vcfs process not found")
 
 
 def sample(pid: int) -> tuple[int, int]:
