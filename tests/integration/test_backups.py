@@ -541,10 +541,17 @@ def test_live_pull_backup_shows_every_default(vm, mnt, sh):
     assert status[:4] == ["state: running", "mode: pull", f"disk vda: 0/{64 * MiB}",
                           f"disk vdb: 0/{32 * MiB}"]
     assert all(re.fullmatch(r"[a-z-]+: \S+", line) for line in status[4:]), status
-    # QEMU: one export per disk, with the temporary bitmap on the vda export's scratch node.
+    # QEMU: one export per disk, with the temporary bitmap on the vda export's scratch node;
+    # each device writes through a copy-before-write filter (break-snapshot), no block job.
     state = qemu_state(vm)
-    assert len(state["exports"]) == 2 and len(state["jobs"]) == 2
-    assert all(status == "running" for _, status in state["jobs"])
+    # two exports per disk: the snapshot's, and vcfs's own block-status export of the scratch
+    assert len(state["exports"]) == 4 and state["jobs"] == []
+    drivers = {n["node-name"]: n["drv"] for n in vm.block_nodes()}
+    for disk in ("vda", "vdb"):
+        inserted = next(d["inserted"]["node-name"] for d in vm.qmp("query-block")
+                        if d["qdev"].startswith(f"/machine/peripheral/{disk}/"))
+        assert drivers[inserted] == "copy-before-write"
+    assert sorted(drivers.values()).count("snapshot-access") == 2
     assert state["nbd-server"]
     temp = [b for b in state["bitmaps"] if b[1] == "backup-vda"]
     assert len(temp) == 1 and temp[0][0] not in ("vda-format", "vdb-format")
@@ -580,7 +587,7 @@ def test_live_pull_backup_shows_every_default(vm, mnt, sh):
         d = xml_disk(root, target)
         assert d.get("backupmode") == "full" and d.get("exportbitmap") is None
     state = qemu_state(vm)
-    assert len(state["exports"]) == 3 and len(state["jobs"]) == 3
+    assert len(state["exports"]) == 6 and state["jobs"] == []
     vdc = (backups / "now/disks/vdc").read_bytes()
     assert vdc == bytes(2 * MiB) + b"\x33" * MiB + bytes(13 * MiB)
     assert listing(dom / "checkpoints") == ["current", "mon", "new", "redefine"]
@@ -939,7 +946,7 @@ def test_rmdir_ends_a_pull_backup_and_open_readers_get_eio(vm_factory, vcfs_moun
     job = backups / begin(backups, "<domainbackup mode='pull'><incremental>mon</incremental>"
                                    "</domainbackup>")
     during = qemu_state(vm)
-    assert len(during["exports"]) == 2 and len(during["jobs"]) == 2 and during["nbd-server"]
+    assert len(during["exports"]) == 4 and during["jobs"] == [] and during["nbd-server"]
     # The temporary bitmaps (QEMU 7.2 also lists unnamed ones of its own during a backup).
     assert [b[1] for b in during["bitmaps"] if b[1] and not b[2]] == ["backup-vda", "backup-vdb"]
     assert len(listing(mnt.state_dir / "scratch")) == 2
@@ -1007,3 +1014,70 @@ def test_qemu_killed_during_a_pull_backup(vm_factory, vcfs_mount, sh):
     assert listing(mnt.state_dir / "scratch") == []
     assert listing(mnt.runtime_dir) == []
     wait_for(lambda: listing(mnt.path) == ["vm2"], 5.0, "vm1 to vanish")
+
+
+# --- 7. the guest never pays for a backup (issue 11) -------------------------------------------
+
+
+@pytest.fixture
+def tiny_fs(tmp_path):
+    """A 16 MiB tmpfs: a scratch on it fills up long before the guest's writes end."""
+    path = tmp_path / "tiny"
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(path)], check=True)
+    yield path
+    subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+@pytest.mark.parametrize("mode", ["full", "incremental"])
+def test_a_full_scratch_breaks_the_backup_never_the_guest(vm_factory, vcfs_mount, tiny_fs, mode):
+    """libvirt's fleecing (blockdev-backup sync=none) fails the guest's write when the scratch
+    is full; vcfs's copy-before-write filter (on-cbw-error=break-snapshot) fails the backup."""
+    vm = qcow2_only(vm_factory)
+    mnt = vcfs_mount(vm.host_dir)
+    dom = mnt.path / "vm1"
+    nodes_before = sorted(n["node-name"] for n in vm.block_nodes())
+    vm.write("vda", 0, 64 * MiB, 0x11)
+    inc = ""
+    if mode == "incremental":
+        os.mkdir(dom / "checkpoints/mon")
+        vm.write("vda", 0, 32 * MiB, 0x12)
+        inc = "<incremental>mon</incremental>"
+    scratch = tiny_fs / "vda.qcow2"
+    job = dom / "backups" / begin(
+        dom / "backups", f"<domainbackup mode='pull'>{inc}<disks><disk name='vda'>"
+        f"<scratch file='{scratch}'/></disk><disk name='vdb' backup='no'/></disks>"
+        "</domainbackup>")
+    assert status_of(job)["state"] == "running"
+    started = time.monotonic()
+    vm.write("vda", 0, 64 * MiB, 0x22)  # 64 MiB of old data to copy into 16 MiB: cannot fit
+    took = time.monotonic() - started
+    # The guest's write succeeded, all of it, and QEMU logged no failed write.
+    assert vm.has_pattern("vda", 0, 64 * MiB, 0x22)
+    assert "write failed" not in vm.log_text() and "No space" not in vm.log_text()
+    assert took < 5, took
+    # The backup is broken: status says so and why, errors has one line, reads fail with EIO.
+    st = status_of(job)
+    assert st["state"] == "failed", st
+    assert st["error"].startswith("disk vda: fleecing snapshot broken: scratch full at "), st
+    lines = [line for line in errors_of(dom) if f"backups/{job.name} FAILED" in line]
+    assert len(lines) == 1, errors_of(dom)
+    for name in ("vda", "vda.qcow2"):
+        with pytest.raises(OSError) as e:
+            with open(job / "disks" / name, "rb") as f:
+                f.read(MiB)
+        assert e.value.errno == errno.EIO
+    time.sleep(1.2)  # the watcher keeps quiet after the first report
+    assert len([line for line in errors_of(dom) if f"backups/{job.name} FAILED" in line]) == 1
+    # rmdir cleans up as for any other backup.
+    os.rmdir(job)
+    assert idle(vm) == IDLE
+    assert sorted(n["node-name"] for n in vm.block_nodes()) == nodes_before
+    assert listing(tiny_fs) == [] and listing(mnt.state_dir / "scratch") == []
+    assert listing(mnt.state_dir / "domains/vm1/intents") == []
+    assert vm.qmp("query-status")["status"] == "running"
+    # and the next backup works
+    os.mkdir(dom / "backups/again")
+    with open(dom / "backups/again/disks/vda", "rb") as f:
+        assert f.read(MiB) == b"\x22" * MiB
+    os.rmdir(dom / "backups/again")

@@ -22,8 +22,12 @@ DELETE_POINTS = {  # point -> is the checkpoint gone after recovery?
     "checkpoint.delete.metadata": True,
     "checkpoint.delete.done": True,
 }
-BACKUP_POINTS = ["backup.create-store", "backup.add-store-node", "backup.nbd-server-start",
-                 "backup.transaction", "backup.export-add", "backup.commit"]
+BACKUP_POINTS = ["backup.create-store", "backup.add-store-node", "backup.add-cbw-node",
+                 "backup.nbd-server-start", "backup.transaction", "backup.switch-device",
+                 "backup.add-access-node", "backup.export-add", "backup.status-export-add",
+                 "backup.commit"]
+PULL_ONLY_POINTS = ("backup.add-cbw-node", "backup.nbd-server-start", "backup.switch-device",
+                    "backup.add-access-node", "backup.export-add", "backup.status-export-add")
 
 
 def qcow2_vm(vm_factory):
@@ -69,6 +73,10 @@ def debris(vm, mnt) -> dict:
         server_free = False
     return {
         "nodes": nodes,
+        # killed at backup.switch-device, vcfs had stopped the guest: recovery resumes it
+        "guest": vm.qmp("query-status")["status"],
+        "devices": sorted((d["qdev"], d["inserted"]["node-name"]) for d in vm.qmp("query-block")
+                          if d.get("inserted")),
         "jobs": vm.qmp("query-jobs"),
         "exports": vm.qmp("query-block-exports"),
         "nbd server free": server_free,
@@ -87,9 +95,12 @@ CLEAN = {"jobs": [], "exports": [], "nbd server free": True, "scratch": [], "soc
 
 
 def assert_no_debris(vm, mnt, nodes_before: list[str]) -> None:
-    """QEMU holds exactly the block nodes it had, and nothing else a backup leaves behind."""
+    """QEMU holds exactly the block nodes it had, each device on its disk's own node, the guest
+    runs, and nothing else a backup leaves behind."""
     state = debris(vm, mnt)
     assert state.pop("nodes") == nodes_before
+    assert state.pop("guest") == "running"
+    assert all(node == f"{qdev.split('/')[3]}-format" for qdev, node in state.pop("devices"))
     assert state == CLEAN
 
 
@@ -126,8 +137,8 @@ def test_checkpoint_delete_killed(vm_factory, vcfs_mount, point):
 
 @pytest.mark.parametrize(("point", "mode"), [
     (point, mode) for point in BACKUP_POINTS for mode in ("pull", "push")
-    # push backups have no NBD server and no export
-    if mode == "pull" or point not in ("backup.nbd-server-start", "backup.export-add")
+    # push backups have no filter, no NBD server and no export
+    if mode == "pull" or point not in PULL_ONLY_POINTS
 ])
 def test_backup_begin_killed_leaves_nothing(vm_factory, vcfs_mount, tmp_path, point, mode):
     vm = qcow2_vm(vm_factory)

@@ -17,6 +17,7 @@ from typing import Any, NoReturn
 
 from vcfs.adapters import xmlcodec
 from vcfs.adapters.codec import XmlCodec
+from vcfs.domain.extents import Extent
 from vcfs.domain.host import Domain, Environment
 from vcfs.domain.model import Bitmap, CheckpointDef, Disk, DomainInfo
 from vcfs.domain.ports import (
@@ -28,7 +29,7 @@ from vcfs.domain.ports import (
     NbdAddress,
     RemoveBitmap,
 )
-from vcfs.errors import AlreadyExists, Disconnected, NoSpace, QmpCommandError
+from vcfs.errors import AlreadyExists, BackendError, Disconnected, NoSpace, QmpCommandError
 
 CANCELLED_ERROR = "Operation canceled"
 
@@ -36,6 +37,7 @@ CANCELLED_ERROR = "Operation canceled"
 def disk(target: str, driver: str = "qcow2", **kw: object) -> Disk:
     """A disk as QEMU would report it."""
     kw.setdefault("qcow2_v3", driver == "qcow2")
+    kw.setdefault("qdev", f"/machine/peripheral/{target}/virtio-backend")
     return Disk(target=target, node=f"{target}-format", driver=driver,
                 source=f"/img/{target}.{driver}", size=1 << 26, **kw)  # type: ignore[arg-type]
 
@@ -85,6 +87,12 @@ class FakeQemu:
         self.server: NbdAddress | None = None
         self.objects: set[str] = set()
         self.calls: list[str] = []
+        self.drives: dict[str, str] = {}
+        """Guest device (qdev) -> the node it writes through, when not its disk's own."""
+        self.running = True
+        """The guest's vCPUs run (`pause`/`resume`)."""
+        self.broken: set[str] = set()
+        """Export names whose copy-before-write snapshot broke: their reads fail."""
 
     # ---- test controls ----------------------------------------------------------------------
 
@@ -107,7 +115,12 @@ class FakeQemu:
             "nodes": sorted(self.nodes), "files": sorted(self.files),
             "jobs": sorted(self.jobs_), "exports": sorted(self.exports),
             "server": self.server, "objects": sorted(self.objects),
+            "drives": dict(self.drives), "running": self.running,
         }
+
+    def break_snapshot(self, target: str) -> None:
+        """A copy-before-write into the scratch of disk `target` failed (break-snapshot)."""
+        self.broken |= {name for _, name, _ in self.exports.values() if name == target}
 
     def _check(self, method: str) -> None:
         if self.closed:
@@ -216,9 +229,47 @@ class FakeQemu:
         users = [n for n, x in self.nodes.items() if node in (x.file, x.backing)]
         users += [j.id for j in self.jobs_.values() if node in (j.device, j.target)]
         users += [e for e, (n, _, _) in self.exports.items() if n == node]
+        users += [q for q, n in self.drives.items() if n == node]
         if users:
             _refuse("blockdev-del", f"Node '{node}' is busy: used by {users}")
         del self.nodes[node]
+
+    async def add_cbw_node(self, node: str, file: str, target: str, timeout: int) -> None:
+        self._check("add_cbw_node")
+        if self._node_exists(node):
+            _refuse("blockdev-add", f"Duplicate nodes with node-name='{node}'")
+        if not self._node_exists(file) or target not in self.nodes:
+            _refuse("blockdev-add", "Cannot find device or node")
+        self.nodes[node] = FakeNode(file, target)
+
+    async def add_snapshot_access_node(self, node: str, cbw_node: str) -> None:
+        self._check("add_snapshot_access_node")
+        if self._node_exists(node):
+            _refuse("blockdev-add", f"Duplicate nodes with node-name='{node}'")
+        if cbw_node not in self.nodes:
+            _refuse("blockdev-add", "Cannot find device or node")
+        self.nodes[node] = FakeNode(cbw_node)
+
+    async def set_drive(self, qdev: str, node: str) -> None:
+        self._check("set_drive")
+        own = next((d.node for d in self.disks.values() if d.qdev == qdev), None)
+        if own is None:
+            _refuse("qom-set", f"Device '{qdev}' not found")
+        if node == own:
+            self.drives.pop(qdev, None)
+        elif node in self.nodes:
+            self.drives[qdev] = node
+        else:
+            _refuse("qom-set", f"Cannot find device or node '{node}'")
+
+    async def pause(self) -> bool:
+        self._check("pause")
+        was, self.running = self.running, False
+        return was
+
+    async def resume(self) -> None:
+        self._check("resume")
+        self.running = True
 
     async def nbd_server_start(self, address: NbdAddress, tls_creds: str | None = None) -> None:
         self._check("nbd_server_start")
@@ -248,13 +299,16 @@ class FakeQemu:
             _refuse("nbd-server-stop", "NBD server not running")
         self.server = None  # QEMU leaves the socket file; vcfs removes it
 
-    async def export_add(self, export_id: str, node: str, name: str, bitmap: str | None) -> None:
+    async def export_add(
+        self, export_id: str, node: str, name: str, bitmap: str | None,
+        bitmap_node: str | None = None,
+    ) -> None:
         self._check("export_add")
         if self.server is None:
             _refuse("block-export-add", "NBD server not running")
         if export_id in self.exports or node not in self.nodes:
             _refuse("block-export-add", f"cannot export '{node}' as '{export_id}'")
-        if bitmap and bitmap not in [b.name for b in self._bitmaps(node)]:
+        if bitmap and bitmap not in [b.name for b in self._bitmaps(bitmap_node or node)]:
             _refuse("block-export-add", f"Bitmap '{bitmap}' is not found")
         self.exports[export_id] = (node, name, bitmap)
 
@@ -299,6 +353,8 @@ class FakeSystem:
         self.fail_restrict: OSError | None = None
         self.socket_files: dict[str, int] = {}
         """What `sockets` reports: file name -> inode."""
+        self.usage: dict[str, tuple[int, int]] = {}
+        """What `disk_usage` reports for a path (default: nothing used, 1 GiB free)."""
 
     def remove(self, path: str) -> None:
         for q in self.qemus:
@@ -315,6 +371,9 @@ class FakeSystem:
 
     def sockets(self, directory: str) -> dict[str, int]:
         return dict(self.socket_files)
+
+    def disk_usage(self, path: str) -> tuple[int, int]:
+        return self.usage.get(path, (0, 1 << 30))
 
 
 class FakeStore:
@@ -353,14 +412,38 @@ class FakeStore:
         self.pending.pop(key, None)
 
 
-def no_export(*args: object) -> NoReturn:
-    raise AssertionError("unit tests open no NBD export")
+class FakeExport:
+    """An NBD export of the fake QEMU: only its block status, which fails once the export is
+    gone or its snapshot broke (what a pull job's watcher asks)."""
+
+    def __init__(self, qemu: FakeQemu | None, name: str, size: int = 1 << 26) -> None:
+        self.qemu = qemu
+        self.name = name
+        self.size = size
+
+    def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+        raise AssertionError("unit tests read no NBD data")
+
+    def block_status(self, offset: int, length: int) -> list[Extent]:
+        q = self.qemu
+        if q is not None and (self.name in q.broken
+                              or self.name not in {n for _, n, _ in q.exports.values()}):
+            raise BackendError(f"NBD block status of '{self.name}' failed: Input/output error")
+        return [Extent(offset, length, True, False, True)]
+
+    def close(self) -> None:
+        pass
 
 
 def environment(store: FakeStore | None = None, qemu: FakeQemu | None = None) -> Environment:
     """The services' environment with fakes where I/O would be."""
+
+    def open_export(address: NbdAddress, name: str, bitmap: str | None,
+                    tls_dir: str | None, status_name: str | None) -> FakeExport:
+        return FakeExport(qemu, name)
+
     return Environment(store or FakeStore(), XmlCodec(), Path("/nonexistent/run"),
-                       Path("/nonexistent/scratch"), no_export, FakeSystem(qemu))
+                       Path("/nonexistent/scratch"), open_export, FakeSystem(qemu))
 
 
 def make_domain(

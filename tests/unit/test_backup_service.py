@@ -17,14 +17,20 @@ from vcfs.domain import faults
 from vcfs.domain.backups import service as service_module
 from vcfs.domain.backups.job import BackupJob
 from vcfs.domain.model import Bitmap
+from vcfs.domain.ports import BlockdevBackup
 from vcfs.errors import BackendError, Busy, InvalidInput, NoSpace, NotFound
 
-BEGIN_POINTS = ["backup.create-store", "backup.add-store-node", "backup.nbd-server-start",
-                "backup.transaction", "backup.export-add", "backup.commit"]
-PUSH_POINTS = [p for p in BEGIN_POINTS if p not in ("backup.nbd-server-start",
-                                                    "backup.export-add")]
-QEMU_STEPS = ["create_image", "add_format_node", "nbd_server_start", "transaction",
-              "export_add"]
+BEGIN_POINTS = ["backup.create-store", "backup.add-store-node", "backup.add-cbw-node",
+                "backup.nbd-server-start", "backup.transaction", "backup.switch-device",
+                "backup.add-access-node", "backup.export-add", "backup.status-export-add",
+                "backup.commit"]
+PULL_ONLY_POINTS = ("backup.add-cbw-node", "backup.nbd-server-start", "backup.switch-device",
+                    "backup.add-access-node", "backup.export-add", "backup.status-export-add")
+PUSH_POINTS = [p for p in BEGIN_POINTS if p not in PULL_ONLY_POINTS]
+QEMU_STEPS = ["create_image", "add_format_node", "add_cbw_node", "nbd_server_start", "pause",
+              "transaction", "set_drive", "add_snapshot_access_node", "export_add"]
+PULL_ONLY_STEPS = ("add_cbw_node", "nbd_server_start", "pause", "set_drive",
+                   "add_snapshot_access_node", "export_add")
 TARGET = "/targets/vda.qcow2"
 
 
@@ -88,8 +94,10 @@ class World:
         await self.dom.start()
 
 
-def run(test, **kw) -> None:
-    """Run `test(world)` in trio with a clock that skips the watcher's sleeps."""
+def run(test, threshold: float = 0, **kw) -> None:
+    """Run `test(world)` in trio with a clock that skips the watchers' sleeps. A pull job's
+    watcher probes its exports in worker threads: a test that needs the probes' answers gives
+    them `threshold` seconds of real time before the clock jumps past their timeout."""
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
@@ -98,7 +106,7 @@ def run(test, **kw) -> None:
             await test(world)
             nursery.cancel_scope.cancel()
 
-    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=threshold))
 
 
 def errors(w: World) -> list[str]:
@@ -119,12 +127,27 @@ def test_pull_begin_makes_every_piece_and_end_releases_them():
         job_id = await w.backups.begin(pull_doc())
         job = w.backups.require(job_id)
         q = w.qemu
-        assert len(q.nodes) == 4 and len(q.jobs_) == 2 and len(q.exports) == 2
+        # per disk: scratch file and format nodes, copy-before-write filter, snapshot access;
+        # no block job (libvirt's blockdev-backup sync=none fails guest writes: issue 11)
+        assert len(q.nodes) == 8 and len(q.jobs_) == 0 and len(q.exports) == 4
+        d0 = job.disks[0]
+        assert q.nodes[d0.cbw_node].file == "vda-format"
+        assert q.nodes[d0.cbw_node].backing == d0.store_node  # the filter's target
+        assert q.nodes[d0.store_node].backing == "vda-format"  # for the status export
+        assert q.exports[d0.export_id][0] == d0.access_node
+        assert q.exports[d0.status_export_id][0] == d0.store_node
+        assert q.drives == {f"/machine/peripheral/{d.target}/virtio-backend": d.cbw_node
+                            for d in job.disks}
+        # the point in time: guest stopped around the transaction and the devices' switch
+        begin = q.calls[q.calls.index("pause"):q.calls.index("resume") + 1]
+        assert begin == ["pause", "transaction", "set_drive", "set_drive", "resume"]
+        assert q.running
+        assert not any(isinstance(a, BlockdevBackup) for t in q.transactions for a in t)
         assert q.server is not None and q.server.path in q.files
         assert w.dom.context.system.restricted == [q.server.path]
         assert sorted(q.files) == sorted([q.server.path] + [d.store_path for d in job.disks])
         # the export bitmap lives on the scratch node; the checkpoint's bitmaps on the disks
-        assert [e[2] for e in q.exports.values()] == ["backup-vda", "backup-vdb"]
+        assert [e[2] for e in q.exports.values()] == ["backup-vda", None, "backup-vdb", None]
         assert q.bitmap_names("vda") == ["mon", "tue"] and q.bitmap_names("vdb") == ["mon", "tue"]
         assert w.store.pending[f"backup-{job_id}"]["phase"] == "started"
         assert w.backups.names() == [job_id] and w.backups.latest == job_id
@@ -133,7 +156,8 @@ def test_pull_begin_makes_every_piece_and_end_releases_them():
         after = w.state()
         assert after["bitmaps"] == {"vda-format": ["mon", "tue"], "vdb-format": ["mon", "tue"]}
         assert after["checkpoints"] == ["mon", "tue"]
-        for key in ("nodes", "files", "jobs", "exports", "server", "objects", "intents"):
+        for key in ("nodes", "files", "jobs", "exports", "server", "objects", "intents",
+                    "drives", "running"):
             assert after[key] == before[key], key
         assert w.backups.names() == [] and w.backups.latest is None
         assert job.state == "completed"
@@ -154,6 +178,48 @@ def test_default_pull_backup_and_status_lines():
         assert w.qemu.state()["nodes"] == []
 
     run(test)
+
+
+@pytest.mark.parametrize("full", [True, False])
+def test_a_broken_snapshot_fails_the_backup_not_the_guest(full):
+    """A copy-before-write that failed (here: the scratch's file system is full) breaks the
+    snapshot: `status` says failed with the reason, `errors` has one line, reads fail, and the
+    end releases everything as for any backup."""
+
+    async def test(w: World) -> None:
+        before = w.state()
+        await w.backups.begin_default("b")
+        job = w.backups.require("b")
+        d = job.disks[0]
+        if full:
+            w.dom.context.system.usage[d.store_path] = (16 << 20, 4096)
+        w.qemu.break_snapshot("vda")
+        status = (await w.backups.status("b")).decode()
+        assert status.startswith("state: failed\n"), status
+        cause = ("scratch full at 16777216 bytes" if full
+                 else f"a copy into scratch {d.store_path} failed or took over the 5 s")
+        assert f"error: disk vda: fleecing snapshot broken: {cause}" in status
+        assert [line.split()[1:3] for line in errors(w)] == [["backups/b", "FAILED"]]
+        with pytest.raises(BackendError):
+            await d.views.raw.read(0, 4096)
+        await settle()
+        assert len(errors(w)) == 1  # reported once
+        await w.backups.end("b")
+        assert w.state() == before
+
+    run(test, threshold=0.05)
+
+
+def test_a_broken_snapshot_shows_in_status_within_a_second():
+    async def test(w: World) -> None:
+        await w.backups.begin_default("b")
+        w.qemu.break_snapshot("vdb")
+        await trio.sleep(1)
+        assert w.backups.require("b").state == "failed"
+        assert "disk vdb" in w.backups.require("b").error
+        await w.backups.end("b")
+
+    run(test, threshold=0.05)
 
 
 def test_pull_with_tls_adds_and_removes_its_credentials():
@@ -279,8 +345,8 @@ def test_qemu_refusing_any_step_leaves_nothing(caplog, method, mode):
         del w.qemu.refuse[method]
         assert w.state() == before
 
-    if mode == "push" and method in ("nbd_server_start", "export_add"):
-        return  # a push job starts no server and adds no export
+    if mode == "push" and method in PULL_ONLY_STEPS:
+        return  # a push job starts no server, no filter, no export
     run(test)
     assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
 

@@ -48,3 +48,11 @@ class OsSystem:
             if stat.S_ISSOCK(st.st_mode):
                 found[entry.name] = st.st_ino
         return found
+
+    def disk_usage(self, path: str) -> tuple[int, int]:
+        try:
+            used = os.stat(path).st_blocks * 512
+            fs = os.statvfs(path)
+        except OSError:
+            return 0, 0
+        return used, fs.f_bavail * fs.f_frsize

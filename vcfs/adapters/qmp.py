@@ -284,6 +284,40 @@ class QmpQemu:
     async def delete_node(self, node: str) -> None:
         await self.execute("blockdev-del", {"node-name": node})
 
+    async def add_cbw_node(self, node: str, file: str, target: str, timeout: int) -> None:
+        await self.execute("blockdev-add", {
+            "driver": "copy-before-write", "node-name": node, "file": file, "target": target,
+            # A failed copy breaks the backup, never the guest's write (QEMU's default, `break-
+            # guest-write`, fails the guest's I/O: issue 11).
+            "on-cbw-error": "break-snapshot", "cbw-timeout": timeout,
+        })
+
+    async def add_snapshot_access_node(self, node: str, cbw_node: str) -> None:
+        await self.execute("blockdev-add", {
+            "driver": "snapshot-access", "node-name": node, "file": cbw_node,
+        })
+
+    async def set_drive(self, qdev: str, node: str) -> None:
+        # query-block names a device with an id by its id or by its QOM path (virtio devices:
+        # the backend child, which is the object holding the `drive` property).
+        path = qdev if qdev.startswith("/") else f"/machine/peripheral/{qdev}"
+        # QEMU 7.2 aborts (assertion `old_bs != new_bs`, measured) when a device is switched
+        # to the node it already uses: crash recovery may not know whether the switch happened.
+        for dev in await self.execute("query-block"):
+            if dev.get("qdev") in (qdev, path) and (dev.get("inserted") or {}).get(
+                    "node-name") == node:
+                return
+        await self.execute("qom-set", {"path": path, "property": "drive", "value": node})
+
+    async def pause(self) -> bool:
+        if (await self.execute("query-status")).get("status") != "running":
+            return False
+        await self.execute("stop")
+        return True
+
+    async def resume(self) -> None:
+        await self.execute("cont")
+
     async def nbd_server_start(self, address: NbdAddress, tls_creds: str | None = None) -> None:
         if address.transport == "unix":
             addr: dict[str, Any] = {"type": "unix", "data": {"path": address.path}}
@@ -307,12 +341,16 @@ class QmpQemu:
     async def nbd_server_stop(self) -> None:
         await self.execute("nbd-server-stop")
 
-    async def export_add(self, export_id: str, node: str, name: str, bitmap: str | None) -> None:
+    async def export_add(
+        self, export_id: str, node: str, name: str, bitmap: str | None,
+        bitmap_node: str | None = None,
+    ) -> None:
         args: dict[str, Any] = {
             "type": "nbd", "id": export_id, "node-name": node, "name": name, "writable": False,
         }
         if bitmap:
-            args["bitmaps"] = [bitmap]
+            # A node-qualified bitmap (QEMU >= 7.1) keeps the context name qemu:dirty-bitmap:NAME.
+            args["bitmaps"] = [{"node": bitmap_node, "name": bitmap} if bitmap_node else bitmap]
         await self.execute("block-export-add", args)
 
     async def export_del(self, export_id: str) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 import trio
 
 from vcfs.domain.backups import BackupService, ExportOpener
+from vcfs.domain.backups.service import CBW_TIMEOUT
 from vcfs.domain.checkpoints import CheckpointService
 from vcfs.domain.context import INFO_TTL, DomainContext, Spawner
 from vcfs.domain.errorlog import ErrorLog
@@ -49,6 +50,8 @@ class Environment:
     """x509 credentials for backup NBD servers with `tls='yes'`."""
     cache: BlockCache = field(default_factory=BlockCache)
     """Image blocks of every backup view of the mount, within one memory budget."""
+    cbw_timeout: int = CBW_TIMEOUT
+    """Seconds a pull backup's copy-before-write may hold a guest write (`--cbw-timeout`)."""
 
 
 class Domain:
@@ -64,7 +67,8 @@ class Domain:
         self.checkpoints = CheckpointService(self.context, env.store, env.codec)
         self.backups = BackupService(
             self.context, self.checkpoints, env.store, env.codec, env.runtime_dir,
-            env.scratch_dir, env.open_export, env.tls_dir, env.cache,
+            env.scratch_dir, env.open_export, env.tls_dir, env.cache, self.report,
+            env.cbw_timeout,
         )
         self.created = time.time()
         self.socket_ino = 0

@@ -124,6 +124,28 @@ class Qemu(Protocol):
         """`blockdev-del`."""
         ...
 
+    async def add_cbw_node(self, node: str, file: str, target: str, timeout: int) -> None:
+        """A `copy-before-write` filter over `file` copying into `target`, which breaks the
+        snapshot (never the guest's write) when a copy fails or takes over `timeout` seconds."""
+        ...
+
+    async def add_snapshot_access_node(self, node: str, cbw_node: str) -> None:
+        """A `snapshot-access` node reading the point in time a copy-before-write filter keeps."""
+        ...
+
+    async def set_drive(self, qdev: str, node: str) -> None:
+        """Make the guest device `qdev` (query-block's `qdev`) write through `node`; nothing
+        when it already does."""
+        ...
+
+    async def pause(self) -> bool:
+        """Stop the guest's vCPUs (draining its I/O) if it runs; whether it did."""
+        ...
+
+    async def resume(self) -> None:
+        """Let a guest stopped by `pause` run again."""
+        ...
+
     async def nbd_server_start(self, address: NbdAddress, tls_creds: str | None = None) -> None:
         """Start QEMU's NBD server, with TLS when `tls_creds` names a credentials object."""
         ...
@@ -136,8 +158,12 @@ class Qemu(Protocol):
 
     async def nbd_server_stop(self) -> None: ...
 
-    async def export_add(self, export_id: str, node: str, name: str, bitmap: str | None) -> None:
-        """A read-only NBD export of `node`, publishing `bitmap` as a dirty-bitmap context."""
+    async def export_add(
+        self, export_id: str, node: str, name: str, bitmap: str | None,
+        bitmap_node: str | None = None,
+    ) -> None:
+        """A read-only NBD export of `node`, publishing `bitmap` (on `bitmap_node`, else found
+        below `node`) as the context `qemu:dirty-bitmap:<bitmap>`."""
         ...
 
     async def export_del(self, export_id: str) -> None:
@@ -251,4 +277,9 @@ class LocalSystem(Protocol):
     def sockets(self, directory: str) -> dict[str, int]:
         """The unix sockets in `directory` (not hidden) by file name, with their inode numbers;
         empty when the directory cannot be listed."""
+        ...
+
+    def disk_usage(self, path: str) -> tuple[int, int]:
+        """(bytes the file occupies on disk, bytes free for it on its file system); (0, 0) when
+        it cannot be looked at."""
         ...

@@ -29,12 +29,19 @@ its targets after a crash (if QEMU completed them), and only a started job can b
 STORE_FILE = "store file"
 FILE_NODE = "file node"
 STORE_NODE = "store node"
+CBW_NODE = "copy-before-write node"
 TLS = "TLS credentials"
 SERVER = "NBD server"
 CHECKPOINT_BITMAPS = "checkpoint bitmaps"
 TEMP_BITMAP = "temporary bitmap"
 BLOCK_JOB = "block job"
+SWITCH = "device on copy-before-write"
+"""Pull: the guest device writes through the copy-before-write filter (undone by switching
+it back to the disk's own node)."""
+ACCESS_NODE = "snapshot-access node"
 EXPORT = "export"
+STATUS_EXPORT = "status export"
+"""Pull: the scratch overlay exported for vcfs's own block-status requests (see `plan`)."""
 
 
 @dataclass(frozen=True)
@@ -62,9 +69,15 @@ class DiskJob:
     file_node: str
     driver: str
     incremental: str | None = None
+    cbw_node: str = ""
+    """Pull: the copy-before-write filter between the guest device and the disk's node."""
+    access_node: str = ""
+    """Pull: the snapshot-access node the export reads the point in time from."""
     export_id: str | None = None
     export_name: str | None = None
     export_bitmap: str | None = None
+    status_export_id: str | None = None
+    status_export_name: str | None = None
     temp_bitmap: str | None = None
     """Push incremental: the merged bitmap on the disk's own node, removed at the end."""
     state: str = RUNNING
@@ -93,6 +106,11 @@ class BackupJob:
     state: str = RUNNING
     error: str | None = None
     phase: str = STARTING
+    paused: bool = False
+    """The begin has stopped (or is about to stop) the guest's vCPUs: a crash then must
+    resume it."""
+    ending: bool = False
+    """`rmdir` is releasing the job: exports vanishing now are no failure."""
     made: set[Piece] = field(default_factory=set)
     started: float = field(default_factory=time.time)
     finished: trio.Event = field(default_factory=trio.Event)
@@ -110,7 +128,8 @@ class BackupJob:
                 d.views.close()
 
     def fail(self, reason: str) -> None:
-        """QEMU is gone: a running job failed."""
+        """A running job failed (QEMU is gone, the fleecing snapshot broke): readers fail at
+        once from now on."""
         if self.state == RUNNING:
             self.state, self.error = FAILED, reason
             self.close_views()
@@ -137,12 +156,14 @@ class BackupJob:
             "address": [a.transport, a.path, a.host, a.port] if a else None,
             "definition": codec.format_backup(self.definition).decode(),
             "tls_object": self.tls_object,
+            "paused": self.paused,
             "disks": [
                 {"target": d.target, "job": d.job_id, "store": d.store_path,
                  "nodes": [d.store_node, d.file_node], "export": d.export_id,
                  "export_name": d.export_name, "export_bitmap": d.export_bitmap,
                  "incremental": d.incremental, "driver": d.driver,
-                 "temp_bitmap": d.temp_bitmap}
+                 "temp_bitmap": d.temp_bitmap, "fleece": [d.cbw_node, d.access_node],
+                 "status_export": [d.status_export_id, d.status_export_name]}
                 for d in self.disks
             ],
         }
@@ -154,20 +175,23 @@ class BackupJob:
         disks = []
         for d in r["disks"]:
             store_node, file_node = d["nodes"]
+            cbw_node, access_node = d.get("fleece", ("", ""))
+            status_id, status_name = d.get("status_export", (None, None))
             disk = info.disk(d["target"]) or Disk(d["target"], "", d["driver"], "", 0)
             disks.append(DiskJob(
                 target=d["target"], disk=disk, job_id=d["job"], store_path=d["store"],
                 store_node=store_node, file_node=file_node, driver=d["driver"],
                 incremental=d["incremental"], export_id=d["export"],
                 export_name=d["export_name"], export_bitmap=d["export_bitmap"],
-                temp_bitmap=d["temp_bitmap"],
+                temp_bitmap=d["temp_bitmap"], cbw_node=cbw_node, access_node=access_node,
+                status_export_id=status_id, status_export_name=status_name,
             ))
         transport, path, host, port = r["address"] or (None, None, None, None)
         address = NbdAddress(transport, path, host, port) if transport else None
         return cls(
             r["id"], r["mode"], codec.parse_backup(r["definition"].encode()), disks, address,
             r["checkpoint"], r.get("tls_object"), tuple(r.get("checkpoint_disks", ())),
-            phase=r["phase"],
+            phase=r["phase"], paused=bool(r.get("paused")),
         )
 
 

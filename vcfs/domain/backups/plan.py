@@ -6,11 +6,19 @@ one QMP transaction (`transaction`). The undo of a step is the release of the pi
 `release.release` walks `pieces(job)` backwards, so a rollback, an end and a crash recovery undo
 things in one order: exports, block jobs, bitmaps, NBD server, TLS, nodes, files.
 
-Pull mode is image fleecing, as libvirt does it: per disk a qcow2 scratch overlay whose backing
-is the live disk, one `transaction` holding the new checkpoint's bitmap adds, the temporary
-merged bitmap of each incremental disk and `blockdev-backup sync=none`, then a read-only NBD
-export per disk. Push mode copies into a target file with `blockdev-backup
-sync=full|incremental`.
+Pull mode is image fleecing that spares the guest (DESIGN.md §2, issue 11): per disk a qcow2
+scratch and a `copy-before-write` filter over the disk's node copying into it, with
+`on-cbw-error=break-snapshot` and a `cbw-timeout`, so a full, failing or stalled scratch breaks
+the backup and never a guest write (libvirt's `blockdev-backup sync=none` fails the guest's
+write instead). The point in time: with the guest's vCPUs stopped (I/O drained) one
+`transaction` adds the new checkpoint's bitmaps and each incremental disk's temporary merged
+bitmap (on the scratch node), and each guest device is switched onto its filter; then the guest
+runs again. A `snapshot-access` node over each filter is exported read-only over NBD: its
+reads fail once the snapshot broke. QEMU 7.2's snapshot-access reports clusters the filter
+copied as data even when they were zeros (measured), so vcfs asks its block status of a second
+export, the scratch node overlaying the disk (as libvirt's fleecing image does): exact, and read
+by vcfs alone.
+Push mode copies into a target file with `blockdev-backup sync=full|incremental`.
 Thread rule: any thread (pure).
 """
 
@@ -22,13 +30,17 @@ from pathlib import Path
 
 from vcfs.domain.align import align_backup
 from vcfs.domain.backups.job import (
+    ACCESS_NODE,
     BLOCK_JOB,
+    CBW_NODE,
     CHECKPOINT_BITMAPS,
     EXPORT,
     FILE_NODE,
     SERVER,
+    STATUS_EXPORT,
     STORE_FILE,
     STORE_NODE,
+    SWITCH,
     TEMP_BITMAP,
     TLS,
     BackupJob,
@@ -54,9 +66,12 @@ from vcfs.errors import InvalidInput, NotFound, NotSupported
 # The steps of a begin, in order.
 CREATE_STORE = "create store"
 ADD_STORE_NODE = "add store node"
+ADD_CBW_NODE = "add copy-before-write node"
 ADD_TLS = "add TLS credentials"
 START_SERVER = "start NBD server"
 TRANSACTION = "transaction"
+ADD_ACCESS_NODE = "add snapshot-access node"
+ADD_STATUS_EXPORT = "add status export"
 ADD_EXPORT = "add export"
 COMMIT = "commit checkpoint"
 
@@ -159,8 +174,11 @@ def _plan_disk(
     )
     fields = {"store": store, "driver": driver, "type": "file"}
     if mode == PULL:
+        job.cbw_node, job.access_node = f"{tag}c", f"{tag}a"
         job.export_id = tag
         job.export_name = entry.exportname or entry.name
+        job.status_export_id = f"{tag}z"
+        job.status_export_name = f"{job.export_name}.vcfs-status"
         if job.incremental:
             job.export_bitmap = entry.exportbitmap or f"backup-{entry.name}"
         fields.update(exportname=job.export_name, exportbitmap=job.export_bitmap)
@@ -212,8 +230,9 @@ def _plan_server(
 
 
 def steps(job: BackupJob) -> list[Step]:
-    """The steps that begin `job`, in order: stores, (pull) TLS and NBD server, the one
-    transaction, (pull) exports, the checkpoint's commit last."""
+    """The steps that begin `job`, in order: stores, (pull) copy-before-write filters, TLS and
+    NBD server, the one transaction (pull: with the devices switched onto their filters),
+    (pull) snapshot-access nodes and exports, the checkpoint's commit last."""
     pull = job.mode == PULL
     out: list[Step] = []
     for d in job.disks:
@@ -221,17 +240,27 @@ def steps(job: BackupJob) -> list[Step]:
         out.append(Step(CREATE_STORE, "backup.create-store",
                         (Piece(STORE_FILE, t), Piece(FILE_NODE, t)), t))
         out.append(Step(ADD_STORE_NODE, "backup.add-store-node", (Piece(STORE_NODE, t),), t))
+        if pull:
+            out.append(Step(ADD_CBW_NODE, "backup.add-cbw-node", (Piece(CBW_NODE, t),), t))
     if pull:
         if job.tls_object:
             out.append(Step(ADD_TLS, None, (Piece(TLS),)))
         out.append(Step(START_SERVER, "backup.nbd-server-start", (Piece(SERVER),)))
-    # Released in reverse: the block jobs are cancelled before the bitmaps they use go.
+    # Released in reverse: the block jobs are cancelled before the bitmaps they use go; the
+    # devices leave their filters before the checkpoint's bitmaps go.
     made = [Piece(CHECKPOINT_BITMAPS)] if job.checkpoint_disks else []
     made += [Piece(TEMP_BITMAP, d.target) for d in job.disks if d.temp_bitmap]
-    made += [Piece(BLOCK_JOB, d.target) for d in job.disks]
+    if pull:
+        made += [Piece(SWITCH, d.target) for d in job.disks]
+    else:
+        made += [Piece(BLOCK_JOB, d.target) for d in job.disks]
     out.append(Step(TRANSACTION, "backup.transaction", tuple(made)))
     for d in job.disks if pull else ():
+        out.append(Step(ADD_ACCESS_NODE, "backup.add-access-node",
+                        (Piece(ACCESS_NODE, d.target),), d.target))
         out.append(Step(ADD_EXPORT, "backup.export-add", (Piece(EXPORT, d.target),), d.target))
+        out.append(Step(ADD_STATUS_EXPORT, "backup.status-export-add",
+                        (Piece(STATUS_EXPORT, d.target),), d.target))
     out.append(Step(COMMIT, "backup.commit"))
     return out
 
@@ -243,14 +272,15 @@ def pieces(job: BackupJob) -> list[Piece]:
 
 def transaction(job: BackupJob, checkpoint: list[AddBitmap]) -> list[Action]:
     """The new checkpoint's bitmaps, each incremental disk's temporary bitmap (on the
-    scratch node for pull, on the disk for push) and the backup jobs: one atomic point."""
+    scratch node for pull, on the disk for push) and (push) the backup jobs: one atomic point.
+    (Pull: the devices' switch onto their filters belongs to the same point; the service does
+    it with the guest stopped, as no transaction action can.)"""
     actions: list[Action] = list(checkpoint)
     for d in job.disks:
         if job.mode == PULL:
             if d.incremental:
                 assert d.export_bitmap
                 actions += _merge_actions(d, d.store_node, d.export_bitmap)
-            actions.append(BlockdevBackup(d.disk.node, d.job_id, d.store_node, "none"))
             continue
         if d.temp_bitmap:
             actions += _merge_actions(d, d.disk.node, d.temp_bitmap)

@@ -15,13 +15,17 @@ from collections.abc import Collection
 import trio
 
 from vcfs.domain.backups.job import (
+    ACCESS_NODE,
     BLOCK_JOB,
+    CBW_NODE,
     CHECKPOINT_BITMAPS,
     EXPORT,
     FILE_NODE,
     SERVER,
+    STATUS_EXPORT,
     STORE_FILE,
     STORE_NODE,
+    SWITCH,
     TEMP_BITMAP,
     TLS,
     BackupJob,
@@ -146,9 +150,25 @@ async def _release_in_qemu(
     elif p.kind == STORE_NODE:
         assert d is not None
         await qemu.delete_node(d.store_node)
+    elif p.kind == CBW_NODE:
+        assert d is not None
+        await qemu.delete_node(d.cbw_node)
+    elif p.kind == ACCESS_NODE:
+        assert d is not None
+        await qemu.delete_node(d.access_node)
+    elif p.kind == SWITCH:
+        assert d is not None
+        # The device back onto the disk's own node, as it was before the backup.
+        disk = info.disk(d.target) if info is not None else d.disk
+        if disk is None or not disk.node or not disk.qdev:
+            return  # the disk left the domain: its device is gone with it
+        await qemu.set_drive(disk.qdev, disk.node)
     elif p.kind == EXPORT:
         assert d is not None and d.export_id
         await qemu.export_del(d.export_id)
+    elif p.kind == STATUS_EXPORT:
+        assert d is not None and d.status_export_id
+        await qemu.export_del(d.status_export_id)
     elif p.kind == TLS:
         assert job.tls_object
         await qemu.object_del(job.tls_object)

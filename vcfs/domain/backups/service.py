@@ -16,15 +16,21 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import trio
+
 from vcfs.domain.backups.job import (
     CHECKPOINT_BITMAPS,
     SERVER,
     STARTED,
+    SWITCH,
     BackupJob,
     Piece,
 )
 from vcfs.domain.backups.plan import (
+    ADD_ACCESS_NODE,
+    ADD_CBW_NODE,
     ADD_EXPORT,
+    ADD_STATUS_EXPORT,
     ADD_STORE_NODE,
     ADD_TLS,
     COMMIT,
@@ -39,13 +45,13 @@ from vcfs.domain.backups.plan import (
     transaction,
 )
 from vcfs.domain.backups.release import release
-from vcfs.domain.backups.watcher import PushWatcher
+from vcfs.domain.backups.watcher import PullWatcher, PushWatcher
 from vcfs.domain.checkpoints import CheckpointService, PreparedCheckpoint
 from vcfs.domain.context import DomainContext
 from vcfs.domain.faults import fault_point
 from vcfs.domain.model import PULL, PUSH, BackupDef, CheckpointDef, DomainInfo
 from vcfs.domain.names import check_checkpoint_name, check_job_name
-from vcfs.domain.ports import BlockJob, CheckpointStore, Codec, Export, NbdAddress
+from vcfs.domain.ports import Action, BlockJob, CheckpointStore, Codec, Export, NbdAddress
 from vcfs.domain.reader import BlockCache, ExportSource
 from vcfs.domain.status import COMPLETED, RUNNING, DiskProgress, JobStatus
 from vcfs.domain.status import render as render_status
@@ -54,8 +60,18 @@ from vcfs.errors import AlreadyExists, BackendError, Busy, NotFound, QmpCommandE
 
 log = logging.getLogger(__name__)
 
-ExportOpener = Callable[[NbdAddress, str, str | None, str | None], Export]
-"""(address, export name, dirty bitmap or None, TLS directory or None) -> Export"""
+ExportOpener = Callable[[NbdAddress, str, str | None, str | None, str | None], Export]
+"""(address, export name, dirty bitmap or None, TLS directory or None, the name of the export
+answering block-status requests or None) -> Export"""
+Reporter = Callable[[str, str, str], None]
+"""(path, code, message): one line in `<dom>/errors`."""
+
+CBW_TIMEOUT = 5
+"""Seconds a copy-before-write may hold a guest write before the backup breaks instead.
+A healthy copy of one cluster into a local scratch takes milliseconds (tens on a busy disk), so
+5 s means a stalled scratch, not a slow one; yet it is far below what guests treat as a failing
+disk (Linux SCSI command timeout 30 s, hung-task warning 120 s, Windows disk timeout 60 s).
+The guest pays it once: a broken snapshot copies nothing more. `--cbw-timeout` changes it."""
 
 
 class BackupService:
@@ -72,8 +88,12 @@ class BackupService:
         open_export: ExportOpener,
         tls_dir: Path | None = None,
         cache: BlockCache | None = None,
+        report: Reporter | None = None,
+        cbw_timeout: int = CBW_TIMEOUT,
     ) -> None:
         self._ctx = ctx
+        self._report: Reporter = report or (lambda path, code, message: None)
+        self._cbw_timeout = cbw_timeout
         self._checkpoints = checkpoints
         self._cache = cache or BlockCache()
         self._tls_dir = tls_dir
@@ -84,6 +104,7 @@ class BackupService:
         self._open_export = open_export
         self._jobs: dict[str, BackupJob] = {}
         self._watchers: dict[str, PushWatcher] = {}
+        self._probes: dict[str, PullWatcher] = {}
         self._next_id = 1
         self._serial = int(time.time() * 10) % 10**8
         self.latest: str | None = None
@@ -119,6 +140,9 @@ class BackupService:
         watcher = self._watchers.get(job_id)
         if job.state == RUNNING and watcher is not None:
             await watcher.poll()
+        probe = self._probes.get(job_id)
+        if job.state == RUNNING and probe is not None:
+            await probe.check()  # a broken snapshot shows at once, not at the next probe
         disks = []
         for d in job.disks:
             if job.mode == PULL:
@@ -204,6 +228,7 @@ class BackupService:
             self._forget_record(job)
             raise
         job.phase = STARTED
+        job.paused = False
         self._store.put_intent(self._ctx.name, job.record_key, job.to_record(self._codec))
 
     async def _run_step(
@@ -223,8 +248,15 @@ class BackupService:
             ))
         elif step.action == ADD_STORE_NODE:
             assert d is not None
+            # Pull: the scratch overlays the disk, for the status export (see `plan`); the
+            # snapshot-access node reads only what the filter copied from it.
             backing = d.disk.node if job.mode == PULL else None
             await _call(qemu.add_format_node(d.store_node, d.file_node, d.driver, backing))
+        elif step.action == ADD_CBW_NODE:
+            assert d is not None
+            # The filter copies nothing until the device writes through it (TRANSACTION).
+            await _call(qemu.add_cbw_node(d.cbw_node, d.disk.node, d.store_node,
+                                          self._cbw_timeout))
         elif step.action == ADD_TLS:
             assert job.tls_object and self._tls_dir
             await _call(qemu.tls_creds_add(job.tls_object, str(self._tls_dir)))
@@ -238,19 +270,58 @@ class BackupService:
         elif step.action == TRANSACTION:
             actions = transaction(job, prepared.actions if prepared else [])
             try:
-                await _call(qemu.transaction(actions))
+                if job.mode == PULL:
+                    await self._fleece(job, actions)
+                else:
+                    await _call(qemu.transaction(actions))
             finally:
                 self._ctx.invalidate()
+        elif step.action == ADD_ACCESS_NODE:
+            assert d is not None
+            await _call(qemu.add_snapshot_access_node(d.access_node, d.cbw_node))
         elif step.action == ADD_EXPORT:
             assert d is not None and d.export_id and d.export_name
-            await _call(qemu.export_add(d.export_id, d.store_node, d.export_name,
-                                        d.export_bitmap))
+            # The temporary merged bitmap lives on the scratch node, not below the exported
+            # snapshot-access node: name its node (the context stays qemu:dirty-bitmap:NAME).
+            await _call(qemu.export_add(d.export_id, d.access_node, d.export_name,
+                                        d.export_bitmap,
+                                        d.store_node if d.export_bitmap else None))
+        elif step.action == ADD_STATUS_EXPORT:
+            assert d is not None and d.status_export_id and d.status_export_name
+            # Without the bitmap: QEMU lets one export publish a bitmap (the one above).
+            await _call(qemu.export_add(d.status_export_id, d.store_node, d.status_export_name,
+                                        None))
         elif step.action == COMMIT:
             if prepared:
                 # The checkpoint owns its bitmaps from here on; a failing commit has already
                 # removed them itself (`CheckpointService.commit`), so the rollback must not.
                 job.made.discard(Piece(CHECKPOINT_BITMAPS))
                 await self._checkpoints.commit(prepared)
+
+    async def _fleece(self, job: BackupJob, actions: list[Action]) -> None:
+        """The point in time of a pull backup: with the guest's vCPUs stopped (its I/O drained)
+        the transaction and every device's switch onto its copy-before-write filter, so the
+        bitmaps and the snapshot agree to the write. QEMU cannot switch a device inside a
+        transaction; the guest stops for a few milliseconds instead."""
+        qemu = self._ctx.qemu
+        # Recorded before the stop: a vcfs killed while the guest is stopped must resume it.
+        job.paused = True
+        self._store.put_intent(self._ctx.name, job.record_key, job.to_record(self._codec))
+        stopped = False
+        try:
+            stopped = await qemu.pause()
+            await _call(qemu.transaction(actions))
+            if job.checkpoint_disks:
+                job.made.add(Piece(CHECKPOINT_BITMAPS))
+            fault_point("backup.switch-device")
+            for d in job.disks:
+                await _call(qemu.set_drive(d.disk.qdev, d.cbw_node))
+                job.made.add(Piece(SWITCH, d.target))
+        finally:
+            if stopped:
+                with trio.CancelScope(shield=True):
+                    await qemu.resume()
+            job.paused = False
 
     def _adopt(self, job: BackupJob) -> None:
         """Show a begun job and set it going: views for pull, a watcher for push."""
@@ -262,6 +333,17 @@ class BackupService:
             self._ctx.spawn(watcher.run)
         else:
             self._open_views(job)
+            probe = PullWatcher(self._ctx, job, self._probe_openers(job), self._report,
+                                self._cbw_timeout)
+            self._probes[job.id] = probe
+            self._ctx.spawn(probe.run)
+
+    def _probe_openers(self, job: BackupJob) -> list[Callable[[], Export]]:
+        tls_dir = str(self._tls_dir) if job.tls_object and self._tls_dir else None
+        assert job.address
+        # The probe asks the snapshot-access export itself: the status export never fails.
+        return [_opener(self._open_export, job.address, d.export_name or "", d.export_bitmap,
+                        tls_dir, None) for d in job.disks]
 
     def _open_views(self, job: BackupJob) -> None:
         tls_dir = str(self._tls_dir) if job.tls_object and self._tls_dir else None
@@ -269,7 +351,7 @@ class BackupService:
             assert job.address and d.export_name
             source = ExportSource(
                 d.disk.size, _opener(self._open_export, job.address, d.export_name,
-                                     d.export_bitmap, tls_dir)
+                                     d.export_bitmap, tls_dir, d.status_export_name)
             )
             # Naming convention of incremental images: the base's image is saved next to it
             # as <disk>-<checkpoint>.qcow2 (README, scripts/vcfs-backup).
@@ -303,6 +385,13 @@ class BackupService:
             if r.get("op") != "backup":
                 continue
             job = BackupJob.from_record(r, info, self._codec)
+            if job.paused:
+                # Killed between stopping the guest and letting it run again.
+                with trio.CancelScope(shield=True):
+                    try:
+                        await self._ctx.qemu.resume()
+                    except VcfsError as e:
+                        log.warning("domain %s: resuming the guest: %s", self._ctx.name, e)
             jobs = {j.id: j for j in await self._ctx.qemu.jobs()}
             job.made = set(pieces(job))
             if job.checkpoint and self._checkpoints.get(job.checkpoint) is not None:
@@ -326,10 +415,13 @@ class BackupService:
         """Whether QEMU still holds every piece of a begun job that a reader or watcher needs."""
         exports = await self._ctx.qemu.export_ids()
         for d in job.disks:
-            if info.disk(d.target) is None or d.job_id not in jobs:
+            if info.disk(d.target) is None:
                 return False
-            if job.mode == PULL and (d.export_id not in exports
-                                     or jobs[d.job_id].status == "concluded"):
+            # Pull: the export stands on the snapshot-access node, which stands on the filter;
+            # the views ask the status export for block status.
+            needed = ({d.export_id, d.status_export_id} - {None} if job.mode == PULL
+                      else set())
+            if not needed <= exports or (job.mode == PUSH and d.job_id not in jobs):
                 return False
         return True
 
@@ -345,6 +437,9 @@ class BackupService:
             watcher.stop()
             del self._watchers[job_id]
         elif job.made:
+            job.ending = True
+            if (probe := self._probes.pop(job_id, None)) is not None:
+                await probe.stop()
             await self._end_pull(job)
         self._forget_record(job)
         del self._jobs[job_id]
@@ -375,6 +470,8 @@ class BackupService:
                 job.close_views()
                 if (watcher := self._watchers.pop(job_id, None)) is not None:
                     watcher.stop()
+                if (probe := self._probes.pop(job_id, None)) is not None:
+                    probe.abandon()
                 if job.mode == PULL:
                     await release(self._ctx, job, local_only=True)
 
@@ -394,7 +491,7 @@ async def _call(coro: Awaitable[None]) -> None:
 
 def _opener(
     open_export: ExportOpener, address: NbdAddress, name: str, bitmap: str | None,
-    tls_dir: str | None,
+    tls_dir: str | None, status_name: str | None,
 ) -> Callable[[], Export]:
-    return lambda: open_export(address, name, bitmap, tls_dir)
+    return lambda: open_export(address, name, bitmap, tls_dir, status_name)
 

@@ -1,9 +1,16 @@
-"""The watcher of one push backup: follows its QEMU jobs, releases each target when it ends.
+"""The watchers of a backup: a push job's QEMU jobs, a pull job's fleecing snapshot.
 
-A push job copies into target files inside QEMU; nobody reads it through vcfs, so a background
-task polls it. When a disk's QEMU job ends, its nodes (and temporary bitmap) are released at
-once so the target is usable; when every disk has ended, the targets of a job that did not
-complete are removed and the job's record is dropped.
+`PullWatcher`: a pull backup has no QEMU job; what can go wrong while it runs is its
+copy-before-write filter breaking the snapshot (scratch full, scratch I/O error, a copy slower
+than `cbw-timeout`). QEMU 7.2 sends no event for that; from then on the snapshot-access node
+fails every read and block-status. The watcher asks each export for the block status of its
+first cluster twice a second (one small NBD request over its own connection) and fails the job,
+with the reason, at the first error.
+
+`PushWatcher`: a push job copies into target files inside QEMU; nobody reads it through vcfs,
+so a background task polls it. When a disk's QEMU job ends, its nodes (and temporary bitmap)
+are released at once so the target is usable; when every disk has ended, the targets of a job
+that did not complete are removed and the job's record is dropped.
 Thread rule: trio tasks only; `poll` and `cancel` are serialised by the job's lock, so a disk's
 end state is published only after QEMU has let go of its target.
 """
@@ -11,7 +18,7 @@ end state is published only after QEMU has let go of its target.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import trio
 
@@ -28,12 +35,18 @@ from vcfs.domain.backups.job import (
 )
 from vcfs.domain.backups.release import CANCEL_TIMEOUT, cancel_jobs, release
 from vcfs.domain.context import DomainContext
+from vcfs.domain.ports import Export
 from vcfs.domain.status import CANCELLED, COMPLETED, FAILED, RUNNING
 from vcfs.errors import BackendError, VcfsError
 
 log = logging.getLogger(__name__)
 
 WATCH_INTERVAL = 0.1
+PROBE_INTERVAL = 0.5
+"""How often a pull job's snapshot is checked: a break shows in `status` within a second."""
+PROBE_TIMEOUT = 5.0
+"""A probe QEMU does not answer in this time proves nothing (QEMU busy): tried again later."""
+PROBE_BYTES = 65536
 
 
 class PushWatcher:
@@ -133,3 +146,118 @@ class PushWatcher:
         job.finished.set()
         self._ended(job)
         log.info("domain %s: push backup %s %s", self._ctx.name, job.id, job.state)
+
+
+class PullWatcher:
+    """Checks a pull job's snapshots until the job ends; fails the job when one broke."""
+
+    def __init__(
+        self,
+        ctx: DomainContext,
+        job: BackupJob,
+        openers: Sequence[Callable[[], Export]],
+        report: Callable[[str, str, str], None],
+        cbw_timeout: int,
+    ) -> None:
+        self._ctx = ctx
+        self.job = job
+        self._openers = list(openers)
+        """Per disk, in the job's order: a new connection to its export."""
+        self._exports: list[Export | None] = [None] * len(self._openers)
+        self._report = report
+        self._cbw_timeout = cbw_timeout
+        self._stopped = False
+        self._wake = trio.Event()
+        self._done = trio.Event()
+        self._busy = trio.Lock()
+        """Held while a probe is in flight: `stop` waits for it (see there)."""
+
+    async def run(self) -> None:
+        """Check twice a second until the job is no longer running or `stop` is called."""
+        try:
+            while not self._stopped and self.job.state == RUNNING:
+                await self.check()
+                with trio.move_on_after(PROBE_INTERVAL):
+                    await self._wake.wait()
+        finally:
+            self._done.set()
+
+    async def stop(self) -> None:
+        """The job is ending: stop checking, wait for a probe in flight, drop the probe
+        connections. Before the exports go: an NBD connection still being set up while QEMU
+        7.2 stops its NBD server hangs QEMU (measured with TCP), so none may be left behind."""
+        self._stopped = True
+        self._wake.set()
+        with trio.move_on_after(PROBE_TIMEOUT + 1):
+            async with self._busy:
+                pass
+        self._close()
+
+    def abandon(self) -> None:
+        """Stop at once (QEMU is gone: nothing to wait for)."""
+        self._stopped = True
+        self._wake.set()
+        self._close()
+
+    def _close(self) -> None:
+        for i, e in enumerate(self._exports):
+            if e is not None:
+                e.close()
+            self._exports[i] = None
+
+    async def check(self) -> None:
+        """Probe each disk's export once; a failing one fails the job (once, with the reason,
+        and one line in `<dom>/errors`)."""
+        job = self.job
+        for i, d in enumerate(job.disks):
+            if self._stopped or job.state != RUNNING or job.ending:
+                return
+            error = await self._probe(i)
+            if error is None or self._stopped or job.state != RUNNING or job.ending:
+                continue
+            reason = f"disk {d.target}: {self.diagnose(d, error)}"
+            log.warning("domain %s: backup %s failed: %s", self._ctx.name, job.id, reason)
+            job.fail(reason)
+            self._report(f"backups/{job.id}", "FAILED", reason)
+            self._stopped = True
+            self._close()
+            return
+
+    async def _probe(self, i: int) -> str | None:
+        """None if the export answers a block-status request, else QEMU's error."""
+        size = self.job.disks[i].disk.size
+        try:
+            async with self._busy:
+                if self._stopped:
+                    return None
+                with trio.fail_after(PROBE_TIMEOUT):
+                    export = self._exports[i]
+                    if export is None:
+                        export = await trio.to_thread.run_sync(
+                            self._openers[i], abandon_on_cancel=True)
+                        self._exports[i] = export
+                    await trio.to_thread.run_sync(
+                        export.block_status, 0, min(size, PROBE_BYTES), abandon_on_cancel=True)
+        except trio.TooSlowError:
+            return None
+        except VcfsError as e:
+            if self._exports[i] is None:
+                # Not even connected: the server is busy or going away; nothing is known yet.
+                log.debug("backup %s: probe connection failed: %s", self.job.id, e)
+                return None
+            return str(e)
+        return None
+
+    def diagnose(self, d: DiskJob, error: str) -> str:
+        """Why a snapshot broke, as far as the host can tell: a full scratch file system, else
+        a failing or stalled scratch (QEMU does not say which)."""
+        used, free = self._ctx.system.disk_usage(d.store_path)
+        cluster = d.disk.cluster_size or 65536
+        if free < cluster:
+            cause = (f"scratch full at {used} bytes ({d.store_path}: no space left on its file "
+                     "system)")
+        else:
+            cause = (f"a copy into scratch {d.store_path} failed or took over the "
+                     f"{self._cbw_timeout} s cbw-timeout ({used} bytes in use, {free} free)")
+        return (f"fleecing snapshot broken: {cause}; the guest's writes went on, this backup "
+                f"can no longer be read (export: {error})")
