@@ -22,6 +22,7 @@ from vcfs.adapters.localsystem import OsSystem
 from vcfs.adapters.nbd import NbdExport
 from vcfs.adapters.qmp import QmpQemu
 from vcfs.adapters.state import StateStore
+from vcfs.domain.backups.service import CBW_TIMEOUT
 from vcfs.domain.host import Environment, Host
 from vcfs.domain.reader import CACHE_BYTES, BlockCache
 from vcfs.fs.mount import FuseMount
@@ -43,6 +44,8 @@ class Config:
     image_cache: int = CACHE_BYTES
     """Bytes of image data kept in memory at most, every backup view of the mount together."""
     tls_dir: Path | None = None
+    cbw_timeout: int = CBW_TIMEOUT
+    """Seconds a pull backup's copy-before-write may hold a guest write (`--cbw-timeout`)."""
 
 
 M_ARENA_MAX = -8
@@ -82,7 +85,7 @@ async def serve(config: Config, ready: Callable[[], None] = lambda: None) -> Non
 
     env = Environment(
         store, codec, config.runtime_dir, scratch_dir, NbdExport, OsSystem(), config.tls_dir,
-        BlockCache(config.image_cache),
+        BlockCache(config.image_cache), config.cbw_timeout,
     )
     host = Host(config.host_dir, connect, env)
     mount = FuseMount(

@@ -79,6 +79,10 @@ def parser() -> argparse.ArgumentParser:
                    help="image data vcfs keeps in memory at most, all backup views together "
                    "(default 256); the data path holds at most this plus 128 MiB of blocks "
                    "being read")
+    m.add_argument("--cbw-timeout", type=_seconds, default=5, metavar="SECONDS",
+                   help="longest a pull backup's copy-before-write may hold one guest write "
+                   "(default 5); past it, or when the scratch is full or fails, the backup "
+                   "fails and the guest's write goes on")
     m.add_argument("--log-file", type=Path, metavar="FILE",
                    help="log here too; in the background the only log, unless stderr is the "
                    "journal")
@@ -135,6 +139,18 @@ def _mebibytes(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a whole number of MiB: {text!r}") from None
     if value < 16:
         raise argparse.ArgumentTypeError(f"at least 16 MiB (four blocks), not {value}")
+    return value
+
+
+def _seconds(text: str) -> int:
+    """A whole number of seconds from 1 to 600 (argparse type): QEMU's cbw-timeout is whole
+    seconds, 0 would mean no limit, and a guest write held for minutes is a hung disk."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number of seconds: {text!r}") from None
+    if not 1 <= value <= 600:
+        raise argparse.ArgumentTypeError(f"from 1 to 600 seconds, not {value}")
     return value
 
 

@@ -62,6 +62,7 @@ def mount_config(args: argparse.Namespace) -> Config:
         fuse_options=options,
         cache_images=args.cache_images,
         image_cache=args.image_cache << 20,
+        cbw_timeout=args.cbw_timeout,
         tls_dir=args.tls_x509_dir.resolve() if args.tls_x509_dir else None,
     )
 

@@ -91,6 +91,8 @@ class FakeQemu:
         """Guest device (qdev) -> the node it writes through, when not its disk's own."""
         self.running = True
         """The guest's vCPUs run (`pause`/`resume`)."""
+        self.cbw_timeouts: dict[str, int] = {}
+        """Copy-before-write node -> its cbw-timeout."""
         self.broken: set[str] = set()
         """Export names whose copy-before-write snapshot broke: their reads fail."""
 
@@ -241,6 +243,7 @@ class FakeQemu:
         if not self._node_exists(file) or target not in self.nodes:
             _refuse("blockdev-add", "Cannot find device or node")
         self.nodes[node] = FakeNode(file, target)
+        self.cbw_timeouts[node] = timeout
 
     async def add_snapshot_access_node(self, node: str, cbw_node: str) -> None:
         self._check("add_snapshot_access_node")

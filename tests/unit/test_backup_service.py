@@ -12,10 +12,11 @@ import pytest
 import trio
 import trio.testing
 
-from tests.unit.fakes import FakeQemu, FakeStore, disk, make_domain
+from tests.unit.fakes import FakeQemu, FakeStore, disk, environment, make_domain
 from vcfs.domain import faults
 from vcfs.domain.backups import service as service_module
 from vcfs.domain.backups.job import BackupJob
+from vcfs.domain.host import Domain
 from vcfs.domain.model import Bitmap
 from vcfs.domain.ports import BlockdevBackup
 from vcfs.errors import BackendError, Busy, InvalidInput, NoSpace, NotFound
@@ -220,6 +221,23 @@ def test_a_broken_snapshot_shows_in_status_within_a_second():
         await w.backups.end("b")
 
     run(test, threshold=0.05)
+
+
+def test_the_cbw_timeout_of_the_mount_reaches_every_filter():
+    async def test(w: World) -> None:
+        await w.backups.begin_default("b")
+        assert set(w.qemu.cbw_timeouts.values()) == {5}  # the default, CBW_TIMEOUT
+        await w.backups.end("b")
+        env = environment(w.store, w.qemu)
+        env.cbw_timeout = 2
+        dom = Domain("vm1", w.qemu, env, w.nursery.start_soon)
+        await dom.start()
+        await dom.backups.begin_default("c")
+        job = dom.backups.require("c")
+        assert [w.qemu.cbw_timeouts[d.cbw_node] for d in job.disks] == [2, 2]
+        await dom.backups.end("c")
+
+    run(test)
 
 
 def test_pull_with_tls_adds_and_removes_its_credentials():

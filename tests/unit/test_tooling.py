@@ -62,6 +62,20 @@ def test_helper_argv_drops_mount_options_and_translates_vcfs_ones():
     assert (str(args.state_dir), args.options) == ("/var/lib/x", ["allow_other,ro,noexec,nosuid"])
 
 
+def test_cbw_timeout_is_a_mount_option_and_an_fstab_option(tmp_path):
+    from vcfs.domain.backups.service import CBW_TIMEOUT
+    from vcfs.launch import mount_config
+
+    argv = helper_argv(["/srv/vms", "/mnt/vms", "-o", "cbw_timeout=2,allow_other"])
+    assert argv[:3] == ["mount", "--cbw-timeout", "2"]
+    assert mount_config(parser().parse_args(argv)).cbw_timeout == 2
+    # the command line's default is the engine's (cli.py does not import the engine)
+    assert mount_config(parser().parse_args(["mount", "/a", "/b"])).cbw_timeout == CBW_TIMEOUT
+    for bad in ("0", "601", "1.5", "x"):
+        with pytest.raises(SystemExit):
+            parser().parse_args(["mount", "--cbw-timeout", bad, "/a", "/b"])
+
+
 def test_helper_argv_accepts_the_legacy_source_and_several_o_flags():
     assert helper_argv(["vcfs#/srv/vms", "/mnt", "-o", "rw", "-o", "ro", "-n", "-v"]) == [
         "mount", "-o", "ro", "--", "/srv/vms", "/mnt"]
@@ -405,6 +419,7 @@ def test_man_page_lists_every_option_of_the_mount_helper():
     for key in [*mounthelper.VALUE_OPTIONS, *mounthelper.FLAG_OPTIONS, *mounthelper.MOUNT_ONLY]:
         assert re.search(rf"\b{key}\b", helper), key
     assert "image_cache=MIB" in helper and "tls_x509_dir=DIR" in helper
+    assert "cbw_timeout=SECONDS" in helper
 
 
 @pytest.mark.skipif(shutil.which("groff") is None, reason="groff is not installed")
