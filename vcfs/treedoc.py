@@ -177,8 +177,10 @@ TREE: tuple[TreeEntry, ...] = (
         "the job's state and progress, as `key: value` lines",
         "`state:` running, completed, failed or cancelled; `mode:` pull or push; one "
         "`disk <name>: <done>/<total>` line per disk (push: QEMU's progress; pull: bytes read "
-        "through `disks/`); `nbd-read:` bytes fetched from the export (pull); `error:` why it "
-        "failed. `vcfs status` and `vcfs wait` read this file.",
+        "through `disks/`); `nbd-read:` bytes fetched from the export (pull); one "
+        "`scratch <name>: <bytes>` line per disk, the host disk space its scratch file uses "
+        "(pull); `error:` why it failed (pull: the fleecing snapshot broke, e.g. scratch full). "
+        "`vcfs status` and `vcfs wait` read this file.",
         "",
         "EIO: QEMU is gone while a push job runs.",
     ),

@@ -540,7 +540,9 @@ def test_live_pull_backup_shows_every_default(vm, mnt, sh):
     status = (backups / "1/status").read_text().splitlines()
     assert status[:4] == ["state: running", "mode: pull", f"disk vda: 0/{64 * MiB}",
                           f"disk vdb: 0/{32 * MiB}"]
-    assert all(re.fullmatch(r"[a-z-]+: \S+", line) for line in status[4:]), status
+    assert all(re.fullmatch(r"[a-z-]+( [a-z]+)?: \S+", line) for line in status[4:]), status
+    assert [line.split(":")[0] for line in status if line.startswith("scratch")] == [
+        "scratch vda", "scratch vdb"]
     # QEMU: one export per disk, with the temporary bitmap on the vda export's scratch node;
     # each device writes through a copy-before-write filter (break-snapshot), no block job.
     state = qemu_state(vm)
@@ -1060,6 +1062,7 @@ def test_a_full_scratch_breaks_the_backup_never_the_guest(vm_factory, vcfs_mount
     st = status_of(job)
     assert st["state"] == "failed", st
     assert st["error"].startswith("disk vda: fleecing snapshot broken: scratch full at "), st
+    assert int(st["scratch vda"]) > 8 * MiB, st  # what the filter copied before it broke
     lines = [line for line in errors_of(dom) if f"backups/{job.name} FAILED" in line]
     assert len(lines) == 1, errors_of(dom)
     for name in ("vda", "vda.qcow2"):

@@ -171,8 +171,12 @@ def test_default_pull_backup_and_status_lines():
         await w.backups.begin_default("b")
         status = await w.backups.status("b")
         size = 1 << 26
+        job = w.backups.require("b")
+        w.dom.context.system.usage[job.disks[0].store_path] = (196608, 1 << 30)
+        status = await w.backups.status("b")
         assert status == (f"state: running\nmode: pull\ndisk vda: 0/{size}\n"
-                          f"disk vdb: 0/{size}\nnbd-read: 0\n").encode()
+                          f"disk vdb: 0/{size}\nnbd-read: 0\n"
+                          "scratch vda: 196608\nscratch vdb: 0\n").encode()
         with pytest.raises(Busy):
             await w.backups.begin_default("c")
         await w.backups.end("b")

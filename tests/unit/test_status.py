@@ -47,7 +47,7 @@ one_line = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1).map(
 @given(st.builds(
     JobStatus, st.sampled_from(status.STATES), st.sampled_from(["pull", "push"]),
     st.lists(st.builds(DiskProgress, names, sizes, sizes), max_size=4),
-    st.none() | sizes, st.none() | one_line,
+    st.none() | sizes, st.none() | one_line, st.dictionaries(names, sizes, max_size=4),
 ))
 def test_parse_reads_back_what_render_writes(s):
     assert status.parse(status.render(s)) == s

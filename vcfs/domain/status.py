@@ -8,6 +8,7 @@ once and both sides use `render` and `parse`:
     mode: pull|push
     disk <name>: <done>/<total>        one line per disk, in the job's order
     nbd-read: <bytes>                  pull jobs only
+    scratch <name>: <bytes>            pull jobs only: the host disk space its scratch uses
     error: <one line>                  only when the job failed
 
 `parse(render(s)) == s` for every record (an error is folded to one line when rendered).
@@ -42,6 +43,8 @@ class JobStatus:
     nbd_read: int | None = None
     """Bytes fetched from the NBD export (pull jobs); None when the line is absent."""
     error: str | None = None
+    scratch: dict[str, int] = field(default_factory=dict)
+    """Per disk, the bytes its scratch file occupies on the host (pull jobs)."""
 
 
 def one_line(text: str) -> str:
@@ -55,6 +58,7 @@ def render(status: JobStatus) -> str:
     lines += [f"disk {d.name}: {d.done}/{d.total}" for d in status.disks]
     if status.nbd_read is not None:
         lines.append(f"nbd-read: {status.nbd_read}")
+    lines += [f"scratch {name}: {n}" for name, n in status.scratch.items()]
     if status.error:
         lines.append(f"error: {one_line(status.error)}")
     return "".join(line + "\n" for line in lines)
@@ -79,6 +83,8 @@ def parse(text: str) -> JobStatus:
             st.disks.append(DiskProgress(key[5:], int(done), int(total or 0)))
         elif key == "nbd-read":
             st.nbd_read = int(value)
+        elif key.startswith("scratch "):
+            st.scratch[key[8:]] = int(value)
         elif key == "error":
             st.error = value
     if not st.state:

@@ -22,6 +22,7 @@ from vcfs.domain.backups.job import (
     CHECKPOINT_BITMAPS,
     SERVER,
     STARTED,
+    STORE_FILE,
     SWITCH,
     BackupJob,
     Piece,
@@ -152,7 +153,12 @@ class BackupService:
                 disks.append(DiskProgress(d.target, d.done, d.total or d.disk.size))
         nbd = (sum(d.views.nbd_bytes for d in job.disks if d.views)
                if job.mode == PULL else None)
-        return render_status(JobStatus(job.state, job.mode, disks, nbd, job.error)).encode()
+        # What the guest's writes have made the filters copy so far: the host's own count of
+        # the scratch file's blocks (QEMU's node statistics do not count a filter's copies).
+        scratch = ({d.target: self._ctx.system.disk_usage(d.store_path)[0] for d in job.disks
+                    if Piece(STORE_FILE, d.target) in job.made} if job.mode == PULL else {})
+        return render_status(
+            JobStatus(job.state, job.mode, disks, nbd, job.error, scratch)).encode()
 
     def views(self, job_id: str, target: str) -> DiskViews:
         """The files of one disk of a running pull backup."""
