@@ -159,9 +159,10 @@ def test_rsync_cp_and_tar_of_a_backup_copy_what_cat_shows(vm_factory, vcfs_mount
             if str(f) == "status":
                 # Progress moves while the images are read: the copy is some whole status.
                 lines = got.decode().splitlines()
-                assert got.endswith(b"\n") and len(lines) == 4, (tool, got)
+                assert got.endswith(b"\n") and len(lines) == 5, (tool, got)
                 assert lines[:2] == ["state: running", "mode: pull"], (tool, got)
                 assert lines[2].startswith("disk vda: ") and lines[3].startswith("nbd-read: ")
+                assert lines[4].startswith("scratch vda: ")
             else:
                 assert got == shown, (tool, f)
 
