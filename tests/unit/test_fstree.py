@@ -74,7 +74,7 @@ def test_an_unknown_domain_is_looked_for_once_cheaply(w: World) -> None:
 
 def test_a_domain_whose_monitor_closed_is_rescanned_at_once(w: World) -> None:
     assert isinstance(w.node("vm"), Dir) and w.host.refreshes == []
-    w.vm.qemu.closed = True
+    w.vm.connected = False
     w.node("vm")
     assert w.host.refreshes == [0]
 

@@ -320,13 +320,13 @@ class FakeBackups:
 
 @dataclass
 class FakeDomain:
-    """A domain as the tree sees it: its services, error log and monitor's state."""
+    """A domain as the tree sees it: its services, error log and whether QMP is up."""
 
     name: str
     checkpoints: FakeCheckpoints = field(default_factory=FakeCheckpoints)
     backups: FakeBackups = field(default_factory=FakeBackups)
     errors: ErrorLog = field(default_factory=ErrorLog)
-    qemu: SimpleNamespace = field(default_factory=lambda: SimpleNamespace(closed=False))
+    connected: bool = True
     created: float = 1_700_000_000.0
 
     async def info(self, max_age: float = 0.5) -> str:

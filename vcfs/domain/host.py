@@ -73,6 +73,11 @@ class Domain:
         self.created = time.time()
         self.socket_ino = 0
 
+    @property
+    def connected(self) -> bool:
+        """Whether its QMP connection is still up (False once QEMU went away)."""
+        return not self.qemu.closed
+
     async def info(self, max_age: float = INFO_TTL) -> DomainInfo:
         """The domain's disks and bitmaps, at most `max_age` seconds old."""
         return await self.context.info(max_age)

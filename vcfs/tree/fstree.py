@@ -56,7 +56,7 @@ class RootDir(Dir):
 
     async def child(self, name: str) -> Node | None:
         dom = self.host.get(name)
-        if dom is None or dom.qemu.closed:
+        if dom is None or not dom.connected:
             # A VM that just appeared, or restarted: connect now rather than at the next scan.
             await self.host.refresh(max_age=0 if dom else 0.5)
             dom = self.host.get(name)
