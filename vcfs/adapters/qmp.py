@@ -47,6 +47,8 @@ logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
 
 CONNECT_TIMEOUT = 3.0
 COMMAND_TIMEOUT = 10.0
+EXPORT_GONE_TIMEOUT = 5.0
+"""How long `export_del` waits for QEMU to let go of the export's node."""
 NULL_UUID = "00000000-0000-0000-0000-000000000000"
 
 
@@ -355,6 +357,13 @@ class QmpQemu:
 
     async def export_del(self, export_id: str) -> None:
         await self.execute("block-export-del", {"id": export_id, "mode": "hard"})
+        # QEMU removes the export once its clients are gone, after the command returns: until
+        # then its node is in use and a blockdev-del of it fails (measured: a pull backup's
+        # snapshot-access node, deleted right after its export, left the whole fleecing chain
+        # in place and the next backup failed).
+        with trio.move_on_after(EXPORT_GONE_TIMEOUT):
+            while export_id in await self.export_ids():
+                await trio.sleep(0.005)
 
     async def export_ids(self) -> set[str]:
         return {e["id"] for e in await self.execute("query-block-exports")}

@@ -167,7 +167,8 @@ class Qemu(Protocol):
         ...
 
     async def export_del(self, export_id: str) -> None:
-        """Remove an export, disconnecting its clients."""
+        """Remove an export, disconnecting its clients; return once it is gone (or after a few
+        seconds: its node may then still be in use)."""
         ...
 
     async def export_ids(self) -> set[str]:
