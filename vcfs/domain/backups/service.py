@@ -6,6 +6,8 @@ registering each piece as it is made), `release` undoes them on failure and at t
 `watcher` follows push jobs. Nothing is left half-made: no node, export, bitmap, job, file or
 checkpoint metadata.
 The service reaches QEMU through a `DomainContext` and the checkpoint service it is given.
+Over 400 lines since the pull fleecing's break checks joined it: they are the next piece to
+move out, into a task class of their own beside `watcher`.
 Thread rule: trio tasks only; mutations hold the domain lock.
 """
 
