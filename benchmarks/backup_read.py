@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.harness import drop_caches, median, vcfs_mounted
+from benchmarks.harness import median, timed, vcfs_mounted
 from tests.vm import VM, DiskSpec
 
 GiB, MiB, KiB = 1 << 30, 1 << 20, 1 << 10
@@ -41,15 +41,6 @@ def fill(image: Path, layout: str) -> None:
                 for i in range(SIZE // (256 * KiB))]
     subprocess.run(["qemu-io", "-f", "qcow2", str(image)], input="\n".join(cmds) + "\n",
                    text=True, check=True, capture_output=True)
-
-
-def timed(cmd: list[str]) -> float:
-    drop_caches()
-    t = time.monotonic()
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode:
-        raise RuntimeError(f"{' '.join(cmd)} failed: {r.stderr.strip()}")
-    return time.monotonic() - t
 
 
 def first_byte_ms(dom: Path, rounds: int) -> list[float]:

@@ -54,6 +54,16 @@ def drop_caches() -> None:
         f.write("3\n")
 
 
+def timed(cmd: list[str]) -> float:
+    """Seconds one run of `cmd` takes from cold caches; RuntimeError if it fails."""
+    drop_caches()
+    t = time.monotonic()
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed: {r.stderr.strip()}")
+    return time.monotonic() - t
+
+
 def median(values: list[float]) -> float:
     """The median (values need not be sorted)."""
     s = sorted(values)

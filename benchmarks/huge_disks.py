@@ -29,7 +29,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from benchmarks.harness import drop_caches, median, vcfs_mounted, vcfs_pid
+from benchmarks.harness import drop_caches, median, timed, vcfs_mounted, vcfs_pid
 from tests.vm import VM, DiskSpec
 from vcfs.domain.reader import BLOCK, CACHE_BYTES, LOADING
 
@@ -46,15 +46,6 @@ def scattered_image(path: Path, size: int, seed: int) -> None:
     cmds = "".join(f"write -P {(i % 250) + 1} {o * UNIT} {UNIT}\n" for i, o in enumerate(offsets))
     subprocess.run(["qemu-io", "-f", "qcow2", str(path)], input=cmds, text=True, check=True,
                    capture_output=True)
-
-
-def timed(cmd: list[str] | str) -> float:
-    drop_caches()
-    t = time.monotonic()
-    r = subprocess.run(cmd, capture_output=True, text=True, shell=isinstance(cmd, str))
-    if r.returncode:
-        raise RuntimeError(f"{cmd} failed: {r.stderr.strip()}")
-    return time.monotonic() - t
 
 
 @contextlib.contextmanager
