@@ -40,6 +40,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from vcfs import sha256sum
+
 CHAIN = "chain"
 JOURNAL = "merging"
 LOCK = "lock"
@@ -116,24 +118,6 @@ def sha256_of(path: Path) -> str:
     """The sha256 of a file's bytes, hex."""
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def sum_line(digest: str, name: str) -> str:
-    """One line of `sha256sum` output for file `name` (text mode: two spaces)."""
-    return f"{digest}  {name}\n"
-
-
-def parse_sum(text: str) -> tuple[str, str]:
-    """(digest, file name) of a one-line sha256sum file; StoreError if it is not one."""
-    lines = text.splitlines()
-    if len(lines) != 1:
-        raise StoreError(f"{len(lines)} lines, expected one")
-    digest, sep, name = lines[0].partition(" ")
-    name = name[1:] if name[:1] in (" ", "*") else name
-    if not sep or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest) \
-            or not name:
-        raise StoreError(f"not a sha256sum line: {lines[0]!r}")
-    return digest, name
 
 
 def in_use(path: Path) -> bool:
@@ -273,7 +257,7 @@ def _merge_disk(store: Store, disk: str, older: str, newer: str, recovering: boo
         base.chmod(mode)
         _fsync_file(base)
         _step(f"commit {disk}")
-        _write_atomic(new_sum, sum_line(sha256_of(base), top.name))
+        _write_atomic(new_sum, sha256sum.line(sha256_of(base), top.name))
         _step(f"checksum {disk}")
         os.replace(base, top)  # every later incremental's backing name now opens the merge
         _fsync_dir(store.path)
@@ -459,8 +443,8 @@ def _verify_image(image: Path, report: Report) -> None:
         bad(f"{image.name}: no checksum file {sums.name}")
     else:
         try:
-            digest, named = parse_sum(sums.read_text())
-        except StoreError as e:
+            digest, named = sha256sum.parse(sums.read_text())
+        except ValueError as e:
             bad(f"{sums.name}: {e}")
         else:
             if named != image.name:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import hashlib
 import random
 
+import pytest
 import trio
 
+from vcfs import sha256sum
 from vcfs.domain import checksum
-from vcfs.domain.checksum import QUEUE, StreamDigest, line_size, sha256sum_line
+from vcfs.domain.checksum import QUEUE, StreamDigest
 
 MiB = 1 << 20
 
@@ -145,11 +147,14 @@ def test_a_reader_faster_than_the_hash_gives_the_stream_up_never_waits():
 
 
 def test_the_line_is_sha256sum_s_and_its_size_known_before_the_digest():
-    line = sha256sum_line("ab" * 32, "vda-mon.qcow2")
-    assert line == ("ab" * 32 + "  vda-mon.qcow2\n").encode()
-    assert line_size("vda-mon.qcow2") == len(line)
-
-
+    line = sha256sum.line("ab" * 32, "vda-mon.qcow2")
+    assert line == "ab" * 32 + "  vda-mon.qcow2\n"
+    assert sha256sum.line_size("vda-mon.qcow2") == len(line.encode())
+    assert sha256sum.parse(line) == ("ab" * 32, "vda-mon.qcow2")
+    assert sha256sum.parse("ab" * 32 + " *vda.qcow2\n") == ("ab" * 32, "vda.qcow2")
+    for bad in ("", "ab  x\n", "AB" * 32 + "  x\n", "ab" * 32 + "  x\nab\n", "ab" * 32):
+        with pytest.raises(ValueError):
+            sha256sum.parse(bad)
 def test_a_stream_gives_up_rather_than_hash_more_zeros_than_its_budget(monkeypatch):
     monkeypatch.setattr(checksum, "ZERO_BUDGET", MiB)
     data = bytearray(8 * MiB)

@@ -41,16 +41,6 @@ Item = tuple[int, Buffer | None, int]
 """(generation, bytes or None for zeros, length)."""
 
 
-def sha256sum_line(hexdigest: str, name: str) -> bytes:
-    """One line of `sha256sum` output (text mode: two spaces)."""
-    return f"{hexdigest}  {name}\n".encode()
-
-
-def line_size(name: str) -> int:
-    """The length of a sha256sum line naming `name`, known before the digest is."""
-    return len(sha256sum_line("0" * 64, name))
-
-
 class StreamDigest:
     """The sha256 of one view of `size` bytes, from the reads that stream it."""
 

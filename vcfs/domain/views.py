@@ -15,8 +15,9 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
+from vcfs import sha256sum
 from vcfs.domain import qcow2
-from vcfs.domain.checksum import StreamDigest, line_size, sha256sum_line
+from vcfs.domain.checksum import StreamDigest
 from vcfs.domain.images import Document, Image
 from vcfs.domain.model import Disk
 from vcfs.domain.qcow2 import Layout
@@ -133,10 +134,12 @@ class DiskViews:
         self.extent_map: Document = RenderedDocument(self._render_map)
         """`<disk>.map`: the extents, JSON."""
         # A checksum line's length is known before its digest: `stat` must not read a disk.
-        self.raw_checksum: Document = RenderedDocument(self._raw_sha256, line_size(disk.target))
+        self.raw_checksum: Document = RenderedDocument(
+            self._raw_sha256, sha256sum.line_size(disk.target)
+        )
         """`<disk>.sha256`."""
         self.qcow2_checksum: Document = RenderedDocument(
-            self._qcow2_sha256, line_size(self._qcow2_name)
+            self._qcow2_sha256, sha256sum.line_size(self._qcow2_name)
         )
         """`<disk>.qcow2.sha256`."""
 
@@ -168,12 +171,12 @@ class DiskViews:
         """`sha256sum` of the raw image: at once after one whole sequential read (holes
         skipped by SEEK_DATA count as zeros), else by reading the rest of it now."""
         digest = await self._raw_digest.digest(self._raw.read)
-        return sha256sum_line(digest, self._disk.target)
+        return sha256sum.line(digest, self._disk.target).encode()
 
     async def _qcow2_sha256(self) -> bytes:
         """`sha256sum` of the qcow2 image, named as saved (see `_raw_sha256`)."""
         _, reader, stream = await self._qcow2_views()
-        return sha256sum_line(await stream.digest(reader.read), self._qcow2_name)
+        return sha256sum.line(await stream.digest(reader.read), self._qcow2_name).encode()
 
     async def _render_map(self) -> bytes:
         """The extent map in ovirt-imageio's schema, adjacent equal extents merged.
