@@ -7,6 +7,7 @@ Threading rule: as for vcfs.demo.vms.VM - blocking, one thread, never vcfs's eve
 
 from __future__ import annotations
 
+import time
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,33 @@ class VM(vms.VM):
             if node["node-name"] == node_name:
                 return {b["name"]: b for b in node.get("dirty-bitmaps", []) if b.get("name")}
         raise KeyError(f"{self.name}: no block node {node_name}")
+
+    def take_events(self) -> list[dict[str, Any]]:
+        """The events QEMU sent on the test monitor since the last call, oldest first.
+
+        The client only reads events while it waits for a reply: send a command (e.g. with
+        `wait_status`) first to collect the latest.
+        """
+        if self._mon is None:
+            return []
+        events, self._mon.events = self._mon.events, []
+        return events
+
+    def wait_status(self, status: str, timeout: float = 10.0) -> None:
+        """Poll `query-status` until the VM's run state is `status`; TimeoutError otherwise."""
+        deadline = time.monotonic() + timeout
+        while (current := self.qmp("query-status")["status"]) != status:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.name}: status is {current}, not {status}")
+            time.sleep(0.01)
+
+    def wait_exit(self, timeout: float = 10.0) -> int:
+        """Wait for QEMU to exit by itself (e.g. after `guest_poweroff`); its exit status."""
+        if self._proc is None:
+            raise RuntimeError(f"{self.name} was never started")
+        code = self._proc.wait(timeout)
+        self._close()
+        return code
 
     def restart(self) -> None:
         """Stop cleanly and start again on the same images."""

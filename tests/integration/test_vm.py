@@ -7,8 +7,10 @@ survive a clean restart, and an unclean stop leaves them inconsistent.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
+import time
 import uuid
 from pathlib import Path
 
@@ -160,3 +162,54 @@ def test_demo_vms(tmp_path: Path) -> None:
         pids = [vm.pid for vm in vms]
     assert not base.exists()
     assert all(not vm.running for vm in vms) and all(pids)
+
+
+class TcgVM(VM):
+    """A VM forced onto TCG, for what must hold whichever accelerator the host offers."""
+
+    def command(self) -> list[str]:
+        return [a.replace("accel=kvm:tcg", "accel=tcg") for a in super().command()]
+
+
+def cpu_seconds(vm: VM) -> float:
+    """User + system CPU time QEMU has used so far."""
+    fields = Path(f"/proc/{vm.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.parametrize("accel", ["default", "tcg"])
+def test_guest_poweroff_exits_qemu(accel: str, vm_factory, tmp_path: Path) -> None:
+    if accel == "tcg":
+        vm = TcgVM("tcg", tmp_path / "qmp", tmp_path / "work", [DiskSpec("vda")])
+        vm.start()
+    else:
+        vm = vm_factory("vm1")
+    try:
+        # The firmware idles in `hlt` with interrupts off, as before it could power off.
+        before = cpu_seconds(vm)
+        time.sleep(1.0)
+        assert cpu_seconds(vm) - before < 0.2
+        assert "HLT=1" in vm.hmp("info registers")
+
+        log_start = len(vm.log_text())
+        vm.guest_poweroff()
+        # The default shutdown action: QEMU exits as after an OS's `poweroff`, cleanly.
+        assert vm.wait_exit() == 0
+        assert "error" not in vm.log_text()[log_start:].lower()
+    finally:
+        vm.kill()
+
+
+def test_guest_poweroff_with_shutdown_pause_stays(vm: VM) -> None:
+    vm.qmp("set-action", shutdown="pause")
+    vm.take_events()
+    vm.guest_poweroff()
+    vm.wait_status("shutdown")
+    shutdowns = [e["data"] for e in vm.take_events() if e["event"] == "SHUTDOWN"]
+    assert shutdowns == [{"guest": True, "reason": "guest-shutdown"}]
+    # The block layer still serves I/O while the guest is stopped: a backup can go on.
+    assert vm.has_pattern("vda", 0, MiB, 0x00)
+    time.sleep(0.2)
+    assert vm.running and vm.qmp("query-status")["status"] == "shutdown"
+    vm.stop()
+    assert not vm.running

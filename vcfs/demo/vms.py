@@ -61,6 +61,94 @@ class DiskSpec:
     cluster_size: int | None = None
 
 
+# --- the firmware --------------------------------------------------------------------------------
+# Hand-assembled 16-bit real-mode code, one (machine code, instruction) pair a line, so no
+# assembler is needed; `objdump -D -b binary -mi8086` on the image shows the same listing. QEMU
+# maps the 64 KiB image at F000:0000 (0xF0000) and at 4 GiB - 64 KiB (where the reset vector is).
+_FW_BOOT = 0x0000
+_FW_NMI = 0x0080
+_FW_GDT = 0x00C0
+_FW_GDTR = _FW_GDT + 0x10
+_FW_RESET = 0xFFF0  # the CPU's first instruction, at 0xFFFFFFF0
+
+# The NMI of `inject-nmi` arrives through the local APIC's LINT1 input, which is masked at
+# reset; QEMU drops it then. Unmasking it needs a write to the APIC at 0xFEE00000, beyond the
+# 1 MiB real mode reaches: the code goes to protected mode just long enough to load ES with a
+# 4 GiB data segment, and keeps it after returning to real mode ("unreal mode").
+_FW_BOOT_CODE: tuple[tuple[str, str], ...] = (
+    ("fa", "cli"),
+    ("31 c0", "xor ax, ax"),
+    ("8e d0", "mov ss, ax"),
+    ("bc 00 7c", "mov sp, 0x7c00"),  # the NMI handler's stack, in RAM
+    ("8e d8", "mov ds, ax"),
+    ("c7 06 08 00 80 00", "mov word [0x0008], 0x0080"),  # IVT vector 2 (NMI) = F000:_FW_NMI
+    ("c7 06 0a 00 00 f0", "mov word [0x000a], 0xf000"),
+    ("2e 0f 01 16 d0 00", "lgdt cs:[0x00d0]"),  # _FW_GDTR
+    ("0f 20 c0", "mov eax, cr0"),
+    ("0c 01", "or al, 1"),
+    ("0f 22 c0", "mov cr0, eax"),  # protected mode
+    ("bb 08 00", "mov bx, 8"),
+    ("8e c3", "mov es, bx"),  # flat 4 GiB data segment
+    ("24 fe", "and al, 0xfe"),
+    ("0f 22 c0", "mov cr0, eax"),  # real mode again; ES keeps its 4 GiB limit
+    # Software-enable the APIC first: KVM's APIC ignores unmasking an LVT while it is disabled.
+    ("26 67 66 c7 05 f0 00 e0 fe ff 01 00 00", "mov dword es:[0xfee000f0], 0x1ff"),  # SVR
+    ("26 67 66 c7 05 60 03 e0 fe 00 04 00 00", "mov dword es:[0xfee00360], 0x400"),  # LINT1=NMI
+    ("f4", "halt: hlt"),  # with IF clear only an NMI ends it; its IRET returns to the jmp
+    ("eb fd", "jmp halt"),
+)
+
+# PIIX4 ACPI (PCI 00:01.3) as SeaBIOS sets it up, then soft-off (SLP_TYP 0, QEMU's _S5) through
+# PM1_CNT. The PM I/O space is off at reset, so nothing else the VM does can reach it.
+_FW_NMI_CODE: tuple[tuple[str, str], ...] = (
+    ("66 50", "push eax"),
+    ("52", "push dx"),
+    ("ba f8 0c", "mov dx, 0xcf8"),
+    ("66 b8 40 0b 00 80", "mov eax, 0x80000b40"),  # config address 00:01.3 reg 0x40 (PMBA)
+    ("66 ef", "out dx, eax"),
+    ("b2 fc", "mov dl, 0xfc"),
+    ("66 b8 01 06 00 00", "mov eax, 0x601"),  # PM I/O base 0x600 (bit 0 is read-only 1)
+    ("66 ef", "out dx, eax"),
+    ("b2 f8", "mov dl, 0xf8"),
+    ("66 b8 80 0b 00 80", "mov eax, 0x80000b80"),  # reg 0x80 (PMREGMISC)
+    ("66 ef", "out dx, eax"),
+    ("b2 fc", "mov dl, 0xfc"),
+    ("b0 01", "mov al, 1"),  # PMIOSE: enable the PM I/O space
+    ("ee", "out dx, al"),
+    ("ba 04 06", "mov dx, 0x604"),  # PM1_CNT
+    ("b8 00 20", "mov ax, 0x2000"),  # SLP_EN with SLP_TYP 0: soft-off
+    ("ef", "out dx, ax"),
+    ("5a", "pop dx"),
+    ("66 58", "pop eax"),
+    ("cf", "iret"),  # back to the halt loop, in case QEMU pauses rather than exits
+)
+
+# A null descriptor, then flat 4 GiB data (base 0, limit 0xfffff pages). Its accessed bit (type
+# 0x93) is preset: the GDT is in ROM, and under KVM the CPU retried writing that bit forever.
+_FW_GDT_BYTES = bytes.fromhex("0000000000000000 ffff000000938f00")
+_FW_GDTR_BYTES = (len(_FW_GDT_BYTES) - 1).to_bytes(2, "little") + (0xF0000 + _FW_GDT).to_bytes(
+    4, "little"
+)
+_FW_RESET_CODE: tuple[tuple[str, str], ...] = (("ea 00 00 00 f0", "jmp 0xf000:0x0000"),)
+
+
+def firmware() -> bytes:
+    """The 64 KiB firmware image of every VM (see `VM.bios_path`)."""
+    image = bytearray(64 << 10)
+    pieces = (
+        (_FW_BOOT, b"".join(bytes.fromhex(code) for code, _ in _FW_BOOT_CODE), _FW_NMI),
+        (_FW_NMI, b"".join(bytes.fromhex(code) for code, _ in _FW_NMI_CODE), _FW_GDT),
+        (_FW_GDT, _FW_GDT_BYTES, _FW_GDTR),
+        (_FW_GDTR, _FW_GDTR_BYTES, _FW_RESET),
+        (_FW_RESET, b"".join(bytes.fromhex(code) for code, _ in _FW_RESET_CODE), len(image)),
+    )
+    for start, data, end in pieces:
+        if start + len(data) > end:
+            raise AssertionError(f"firmware piece at {start:#x} overlaps the next at {end:#x}")
+        image[start : start + len(data)] = data
+    return bytes(image)
+
+
 class VM:
     """A QEMU guest with virtio-blk disks, driven over its own test monitor.
 
@@ -120,18 +208,21 @@ class VM:
             subprocess.run(cmd + [str(path), str(disk.size)], check=True, capture_output=True)
 
     def bios_path(self) -> Path:
-        """A 64 KiB firmware whose reset vector halts the CPU for good.
+        """The VM's firmware: 64 KiB that idle the CPU for good and power off on an NMI.
 
         There is no guest OS: SeaBIOS would keep looking for a boot device and burn a quarter
-        of a core, stolen from vcfs and the benchmarks. `cli; hlt` idles at 0 % CPU; the block
-        layer, the monitors and guest-like writes through qemu-io work all the same.
+        of a core, stolen from vcfs and the benchmarks. This firmware halts with interrupts off
+        (0 % CPU); the block layer, the monitors and guest-like writes through qemu-io work all
+        the same. Its NMI handler is what `guest_poweroff` triggers (see `firmware`).
         """
         path = self.work_dir / "halt-bios.bin"
-        if not path.exists():
-            firmware = bytearray(64 << 10)
-            firmware[-16:-12] = b"\xfa\xf4\xeb\xfd"  # at 0xFFFFFFF0: cli; hlt; jmp back to hlt
+        data = firmware()
+        # Compared, not just tested for existence: a work dir may hold an older firmware.
+        if not path.exists() or path.read_bytes() != data:
             self.work_dir.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(bytes(firmware))
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+            tmp.write_bytes(data)
+            tmp.replace(path)  # a QEMU starting meanwhile never reads half a firmware
         return path
 
     def command(self) -> list[str]:
@@ -235,6 +326,18 @@ class VM:
             reply = self.hmp(f'qemu-io -d /machine/peripheral/{target}/virtio-backend "{command}"')
             log.seek(start)
             return reply + log.read().decode(errors="replace")
+
+    def guest_poweroff(self) -> None:
+        """Make the guest itself power off, as an OS does on `poweroff`, and return at once.
+
+        Sends an NMI (QMP `inject-nmi` on the test monitor); the firmware's NMI handler writes
+        soft-off to the ACPI PM1 control register. QEMU then emits SHUTDOWN with `guest: true`
+        and reason `guest-shutdown`, and runs its shutdown action: by default it exits (status
+        0); after `set-action shutdown=pause` it stays, stopped, with status `shutdown`.
+        Returns before any of that happens. The firmware arms the NMI within microseconds of
+        QEMU starting, long before `start` returns; an NMI sent earlier would be lost.
+        """
+        self.qmp("inject-nmi")
 
     def stop(self, timeout: float = 10.0) -> None:
         """Quit QEMU cleanly (persistent bitmaps get saved); SIGKILL it after `timeout`."""
