@@ -179,12 +179,13 @@ class Mount:
 
     def __init__(
         self,
-        host_dir: Path,
+        host_dir: Path | str,
         base: Path,
         extra_args: Sequence[str],
         env: Mapping[str, str] | None = None,
     ) -> None:
-        self.host_dir = Path(host_dir)
+        # A libvirt URI stays a string: as a Path, `qemu:///system` would lose its slashes.
+        self.host_dir: Path | str = host_dir if "://" in str(host_dir) else Path(host_dir)
         self.path = base / "mnt"
         self.state_dir = base / "state"
         self.runtime_dir = base / "run"
@@ -318,7 +319,7 @@ def vcfs_mount(
     def mount(
         host_dir: str | os.PathLike[str], *extra_args: str, env: Mapping[str, str] | None = None
     ) -> Mount:
-        m = Mount(Path(host_dir), tmp_path / f"vcfs{len(mounts)}", extra_args, env)
+        m = Mount(host_dir, tmp_path / f"vcfs{len(mounts)}", extra_args, env)
         mounts.append(m)
         m.start()
         return m
