@@ -329,8 +329,8 @@ class FakeDomain:
     connected: bool = True
     created: float = 1_700_000_000.0
 
-    async def info(self, max_age: float = 0.5) -> str:
-        return f"info of {self.name}"
+    async def xml(self) -> bytes:
+        return f"<domain>info of {self.name}</domain>".encode()
 
     def report(self, path: str, code: str, message: str) -> None:
         self.errors.add(path, code, message)
@@ -358,10 +358,6 @@ class FakeHost:
 
 class FakeCodec:
     """The codec's members the tree uses."""
-
-    @staticmethod
-    def format_domain(info: str) -> bytes:
-        return f"<domain>{info}</domain>".encode()
 
     @staticmethod
     def document_complete(buffer: bytes) -> bool:

@@ -62,6 +62,7 @@ class Domain:
     def __init__(self, name: str, qemu: Qemu, env: Environment, spawn: Spawner) -> None:
         self.name = name
         self.qemu = qemu
+        self._codec = env.codec
         self.context = DomainContext(name, qemu, spawn, env.system)
         self.errors = ErrorLog()
         self.checkpoints = CheckpointService(self.context, env.store, env.codec)
@@ -77,6 +78,10 @@ class Domain:
     def connected(self) -> bool:
         """Whether its QMP connection is still up (False once QEMU went away)."""
         return not self.qemu.closed
+
+    async def xml(self) -> bytes:
+        """The domain as libvirt-style `<domain>` XML (`<dom>/xml`)."""
+        return self._codec.format_domain(await self.info())
 
     async def info(self, max_age: float = INFO_TTL) -> DomainInfo:
         """The domain's disks and bitmaps, at most `max_age` seconds old."""

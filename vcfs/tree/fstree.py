@@ -1,9 +1,10 @@
-"""The vcfs tree of DESIGN.md §1, over the Host and its domains' services.
+"""The vcfs tree of DESIGN.md §1, over a host and its domains' services.
 
     /<dom>/xml, errors, checkpoints/{new, redefine, current, <name>/{xml, size, parent, delete}}
 
 Each class maps names to nodes and operations to service calls; all semantics live in the
-services. Thread rule: trio tasks only.
+services, which the tree knows only through `vcfs.domain.api`'s Protocols: the QMP backend and
+the libvirt one serve the same tree. Thread rule: trio tasks only.
 """
 
 from __future__ import annotations
@@ -11,11 +12,8 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
-from vcfs.domain.backups import BackupJob, BackupService
-from vcfs.domain.checkpoints import CheckpointService
-from vcfs.domain.host import Domain, Host
+from vcfs.domain.api import BackupEntry, Backups, Checkpoints, DiskFiles, DomainApi, HostApi
 from vcfs.domain.ports import Codec
-from vcfs.domain.views import DiskViews
 from vcfs.errors import NotFound
 from vcfs.tree.nodes import ControlFile, Dir, ImageFile, Link, Node, ReadFile
 
@@ -23,7 +21,7 @@ from vcfs.tree.nodes import ControlFile, Dir, ImageFile, Link, Node, ReadFile
 class Tree:
     """Entry point for the FUSE layer: path resolution and failure reporting."""
 
-    def __init__(self, host: Host, codec: Codec) -> None:
+    def __init__(self, host: HostApi, codec: Codec) -> None:
         self.host = host
         self.root = RootDir(host, codec, time.time())
 
@@ -45,7 +43,7 @@ class Tree:
 class RootDir(Dir):
     """The mount's root: one directory per connected domain."""
 
-    def __init__(self, host: Host, codec: Codec, mtime: float) -> None:
+    def __init__(self, host: HostApi, codec: Codec, mtime: float) -> None:
         super().__init__(mtime)
         self.host = host
         self.codec = codec
@@ -66,7 +64,7 @@ class RootDir(Dir):
 class DomainDir(Dir):
     """`<dom>/`: the domain XML, its error log, its checkpoints."""
 
-    def __init__(self, dom: Domain, codec: Codec) -> None:
+    def __init__(self, dom: DomainApi, codec: Codec) -> None:
         super().__init__(dom.created)
         self.dom = dom
         self.codec = codec
@@ -77,7 +75,7 @@ class DomainDir(Dir):
     async def child(self, name: str) -> Node | None:
         dom = self.dom
         if name == "xml":
-            return ReadFile(lambda: self._domain_xml(), self.mtime)
+            return ReadFile(dom.xml, self.mtime)
         if name == "errors":
             return ReadFile(lambda: _value(dom.errors.render()), self.mtime)
         if name == "checkpoints":
@@ -86,16 +84,13 @@ class DomainDir(Dir):
             return BackupsDir(dom, self.codec)
         return None
 
-    async def _domain_xml(self) -> bytes:
-        return self.codec.format_domain(await self.dom.info())
-
 
 class CheckpointsDir(Dir):
     """`<dom>/checkpoints/`: `mkdir` creates with defaults, `rmdir` deletes."""
 
-    def __init__(self, dom: Domain, codec: Codec) -> None:
+    def __init__(self, dom: DomainApi, codec: Codec) -> None:
         super().__init__(dom.created)
-        self.cps: CheckpointService = dom.checkpoints
+        self.cps: Checkpoints = dom.checkpoints
         self.codec = codec
 
     async def names(self) -> list[str]:
@@ -124,7 +119,7 @@ class CheckpointsDir(Dir):
 class CheckpointDir(Dir):
     """`<dom>/checkpoints/<name>/`."""
 
-    def __init__(self, cps: CheckpointService, name: str, mtime: float) -> None:
+    def __init__(self, cps: Checkpoints, name: str, mtime: float) -> None:
         super().__init__(mtime)
         self.cps = cps
         self.name = name
@@ -158,9 +153,9 @@ class CheckpointDir(Dir):
 class BackupsDir(Dir):
     """`<dom>/backups/`: `new` begins a job, `mkdir` a default full pull, `rmdir` ends one."""
 
-    def __init__(self, dom: Domain, codec: Codec) -> None:
+    def __init__(self, dom: DomainApi, codec: Codec) -> None:
         super().__init__(dom.created)
-        self.backups: BackupService = dom.backups
+        self.backups: Backups = dom.backups
         self.codec = codec
 
     async def names(self) -> list[str]:
@@ -185,7 +180,7 @@ class BackupsDir(Dir):
 class BackupDir(Dir):
     """`<dom>/backups/<id>/`."""
 
-    def __init__(self, backups: BackupService, job: BackupJob) -> None:
+    def __init__(self, backups: Backups, job: BackupEntry) -> None:
         super().__init__(job.started)
         self.backups = backups
         self.job = job
@@ -214,12 +209,12 @@ class DisksDir(Dir):
     """The suffixes of `child`, longest first: `vda.qcow2.sha256` is not a `.sha256` of
     `vda.qcow2`."""
 
-    def __init__(self, backups: BackupService, job: BackupJob, mtime: float) -> None:
+    def __init__(self, backups: Backups, job: BackupEntry, mtime: float) -> None:
         super().__init__(mtime)
         self.backups = backups
         self.job = job
 
-    def _views(self, target: str) -> DiskViews | None:
+    def _views(self, target: str) -> DiskFiles | None:
         try:
             return self.backups.views(self.job.id, target)
         except NotFound:  # a push job's disk, or the job has ended
