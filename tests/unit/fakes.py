@@ -134,6 +134,14 @@ class FakeQemu:
     def _node_exists(self, node: str) -> bool:
         return node in self.nodes or node in self.disks
 
+    def _size(self, node: str) -> int:
+        """A node's length: its disk's, down the chain of files (filters, snapshot-access)."""
+        while node not in self.disks:
+            if node not in self.nodes:
+                return 0
+            node = self.nodes[node].file
+        return self.disks[node].size
+
     def _bitmaps(self, node: str) -> list[Bitmap]:
         if node in self.disks:
             return list(self.disks[node].bitmaps)
@@ -184,7 +192,7 @@ class FakeQemu:
                     _refuse("transaction", f"Cannot find node '{a.target}'")
                 if a.bitmap and a.bitmap not in [b.name for b in bitmaps[a.device]]:
                     _refuse("transaction", f"Bitmap '{a.bitmap}' could not be found")
-                size = self.disks[a.device].size if a.device in self.disks else 0
+                size = self._size(a.device)
                 jobs[a.job_id] = FakeJob(a.job_id, a.device, a.target, a.bitmap, total=size)
         for n, bs in bitmaps.items():
             if n in self.disks:

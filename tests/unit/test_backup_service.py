@@ -21,17 +21,18 @@ from vcfs.domain.model import Bitmap
 from vcfs.domain.ports import BlockdevBackup
 from vcfs.errors import BackendError, Busy, InvalidInput, NoSpace, NotFound
 
-BEGIN_POINTS = ["backup.create-store", "backup.add-store-node", "backup.add-cbw-node",
-                "backup.nbd-server-start", "backup.transaction", "backup.switch-device",
-                "backup.add-access-node", "backup.export-add", "backup.status-export-add",
+BEGIN_POINTS = ["backup.create-store", "backup.add-store-node", "backup.create-fleece",
+                "backup.add-fleece-node", "backup.add-cbw-node", "backup.nbd-server-start",
+                "backup.transaction", "backup.switch-device", "backup.add-access-node",
+                "backup.export-add", "backup.status-export-add", "backup.start-jobs",
                 "backup.commit"]
-PULL_ONLY_POINTS = ("backup.add-cbw-node", "backup.nbd-server-start", "backup.switch-device",
-                    "backup.add-access-node", "backup.export-add", "backup.status-export-add")
+PULL_ONLY_POINTS = ("backup.nbd-server-start", "backup.export-add", "backup.status-export-add")
+PUSH_ONLY_POINTS = ("backup.create-fleece", "backup.add-fleece-node", "backup.start-jobs")
+PULL_POINTS = [p for p in BEGIN_POINTS if p not in PUSH_ONLY_POINTS]
 PUSH_POINTS = [p for p in BEGIN_POINTS if p not in PULL_ONLY_POINTS]
 QEMU_STEPS = ["create_image", "add_format_node", "add_cbw_node", "nbd_server_start", "pause",
               "transaction", "set_drive", "add_snapshot_access_node", "export_add"]
-PULL_ONLY_STEPS = ("add_cbw_node", "nbd_server_start", "pause", "set_drive",
-                   "add_snapshot_access_node", "export_add")
+PULL_ONLY_STEPS = ("nbd_server_start", "export_add")
 TARGET = "/targets/vda.qcow2"
 
 
@@ -283,7 +284,12 @@ def test_push_completes_keeps_its_target_and_releases_the_rest():
         job_id = await w.backups.begin(push_doc())
         job = w.backups.require(job_id)
         (d,) = job.disks
-        assert w.qemu.bitmap_names("vda") == ["mon", "tue", "backup-vda"]
+        # The merged bitmap the job copies by lives on the snapshot-access node it reads.
+        assert w.qemu.bitmap_names("vda") == ["mon", "tue"]
+        assert [b.name for b in w.qemu.nodes[d.access_node].bitmaps] == ["backup-vda"]
+        assert [b.name for b in w.qemu.nodes[d.fleece_node].bitmaps] == ["backup-vda"]
+        assert w.qemu.drives == {d.disk.qdev: d.cbw_node}
+        assert w.qemu.jobs_[d.job_id].device == d.access_node
         assert (await w.backups.status(job_id)).startswith(b"state: running\nmode: push\n")
         w.qemu.conclude(d.job_id)
         await settle()
@@ -304,8 +310,9 @@ def test_push_that_fails_removes_its_target():
         job = w.backups.require(job_id)
         w.qemu.conclude(job.disks[0].job_id, "No space left on device")
         await settle()
-        assert job.state == "failed" and job.error == "disk vda: No space left on device"
-        assert w.qemu.files == set() and w.qemu.nodes == {}
+        assert job.state == "failed"
+        assert job.error == "disk vda: No space left on device (the guest's writes went on)"
+        assert w.qemu.files == set() and w.qemu.nodes == {} and w.qemu.drives == {}
 
     run(test)
 
@@ -337,7 +344,7 @@ def test_a_push_job_dismissed_behind_vcfs_fails():
 # ---- rollback -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("point", "mode"), [(p, "pull") for p in BEGIN_POINTS]
+@pytest.mark.parametrize(("point", "mode"), [(p, "pull") for p in PULL_POINTS]
                          + [(p, "push") for p in PUSH_POINTS])
 def test_a_fault_at_any_step_leaves_nothing(monkeypatch, caplog, point, mode):
     monkeypatch.setattr(faults, "_ACTIVE", frozenset({point}))
@@ -368,7 +375,7 @@ def test_qemu_refusing_any_step_leaves_nothing(caplog, method, mode):
         assert w.state() == before
 
     if mode == "push" and method in PULL_ONLY_STEPS:
-        return  # a push job starts no server, no filter, no export
+        return  # a push job starts no NBD server, no export
     run(test)
     assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
 
@@ -403,7 +410,7 @@ def test_a_failing_checkpoint_commit_is_undone_once(caplog, mode):
 # ---- crash recovery ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("point", "mode"), [(p, "pull") for p in BEGIN_POINTS]
+@pytest.mark.parametrize(("point", "mode"), [(p, "pull") for p in PULL_POINTS]
                          + [(p, "push") for p in PUSH_POINTS])
 def test_killed_at_any_step_of_a_begin_recovery_leaves_nothing(monkeypatch, point, mode):
     async def test(w: World) -> None:

@@ -86,6 +86,10 @@ def action_json(action: Action) -> dict[str, Any]:
             "sync": action.sync,
             "auto-finalize": True,
             "auto-dismiss": False,
+            # QEMU's defaults, stated: a failing read or write fails the job, never pauses it
+            # (`enospc`/`stop` would stop the guest too).
+            "on-source-error": "report",
+            "on-target-error": "report",
         }
         if action.bitmap:
             data["bitmap"] = action.bitmap

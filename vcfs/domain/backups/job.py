@@ -29,14 +29,17 @@ its targets after a crash (if QEMU completed them), and only a started job can b
 STORE_FILE = "store file"
 FILE_NODE = "file node"
 STORE_NODE = "store node"
+FLEECE_FILE = "fleecing scratch file"
+FLEECE_FILE_NODE = "fleecing scratch file node"
+FLEECE_NODE = "fleecing scratch node"
+"""Push: the scratch the copy-before-write filter copies into (pull's store is its scratch)."""
 CBW_NODE = "copy-before-write node"
 TLS = "TLS credentials"
 SERVER = "NBD server"
 CHECKPOINT_BITMAPS = "checkpoint bitmaps"
-TEMP_BITMAP = "temporary bitmap"
 BLOCK_JOB = "block job"
 SWITCH = "device on copy-before-write"
-"""Pull: the guest device writes through the copy-before-write filter (undone by switching
+"""The guest device writes through the copy-before-write filter (undone by switching
 it back to the disk's own node)."""
 ACCESS_NODE = "snapshot-access node"
 EXPORT = "export"
@@ -69,17 +72,24 @@ class DiskJob:
     file_node: str
     driver: str
     incremental: str | None = None
+    fleece_path: str = ""
+    fleece_node: str = ""
+    fleece_file_node: str = ""
+    """Push: the scratch image (format and protocol nodes) the copy-before-write filter copies
+    into. A pull job's store is its scratch; a push job's store is its target."""
     cbw_node: str = ""
-    """Pull: the copy-before-write filter between the guest device and the disk's node."""
+    """The copy-before-write filter between the guest device and the disk's node."""
     access_node: str = ""
-    """Pull: the snapshot-access node the export reads the point in time from."""
+    """The snapshot-access node the point in time is read from (pull: by the export; push: by
+    the block job)."""
     export_id: str | None = None
     export_name: str | None = None
     export_bitmap: str | None = None
     status_export_id: str | None = None
     status_export_name: str | None = None
     temp_bitmap: str | None = None
-    """Push incremental: the merged bitmap on the disk's own node, removed at the end."""
+    """Push incremental: the merged bitmap the block job copies by, on the scratch node and
+    copied onto the snapshot-access node (each goes with its node)."""
     state: str = RUNNING
     outcome: tuple[str, str | None] | None = None
     """How QEMU ended the job, noted before it is dismissed."""
@@ -87,6 +97,16 @@ class DiskJob:
     total: int = 0
     error: str | None = None
     views: DiskViews | None = None
+
+    @property
+    def scratch_path(self) -> str:
+        """The file the copy-before-write filter copies the guest's overwritten data into."""
+        return self.fleece_path or self.store_path
+
+    @property
+    def scratch_node(self) -> str:
+        """The format node of `scratch_path`."""
+        return self.fleece_node or self.store_node
 
 
 @dataclass
@@ -163,6 +183,7 @@ class BackupJob:
                  "export_name": d.export_name, "export_bitmap": d.export_bitmap,
                  "incremental": d.incremental, "driver": d.driver,
                  "temp_bitmap": d.temp_bitmap, "fleece": [d.cbw_node, d.access_node],
+                 "fleece_store": [d.fleece_path, d.fleece_node, d.fleece_file_node],
                  "status_export": [d.status_export_id, d.status_export_name]}
                 for d in self.disks
             ],
@@ -177,6 +198,7 @@ class BackupJob:
             store_node, file_node = d["nodes"]
             cbw_node, access_node = d.get("fleece", ("", ""))
             status_id, status_name = d.get("status_export", (None, None))
+            fleece_path, fleece_node, fleece_file_node = d.get("fleece_store", ("", "", ""))
             disk = info.disk(d["target"]) or Disk(d["target"], "", d["driver"], "", 0)
             disks.append(DiskJob(
                 target=d["target"], disk=disk, job_id=d["job"], store_path=d["store"],
@@ -185,6 +207,8 @@ class BackupJob:
                 export_name=d["export_name"], export_bitmap=d["export_bitmap"],
                 temp_bitmap=d["temp_bitmap"], cbw_node=cbw_node, access_node=access_node,
                 status_export_id=status_id, status_export_name=status_name,
+                fleece_path=fleece_path, fleece_node=fleece_node,
+                fleece_file_node=fleece_file_node,
             ))
         transport, path, host, port = r["address"] or (None, None, None, None)
         address = NbdAddress(transport, path, host, port) if transport else None

@@ -18,7 +18,10 @@ reads fail once the snapshot broke. QEMU 7.2's snapshot-access reports clusters 
 copied as data even when they were zeros (measured), so vcfs asks its block status of a second
 export, the scratch node overlaying the disk (as libvirt's fleecing image does): exact, and read
 by vcfs alone.
-Push mode copies into a target file with `blockdev-backup sync=full|incremental`.
+Push mode fleeces the same way (so a full target or scratch fails the job, never a guest
+write: QEMU's own backup job would fail the guest's write when its target fills), and copies the
+point in time from the snapshot-access node into the target file with `blockdev-backup
+sync=full|incremental`.
 Thread rule: any thread (pure).
 """
 
@@ -36,12 +39,14 @@ from vcfs.domain.backups.job import (
     CHECKPOINT_BITMAPS,
     EXPORT,
     FILE_NODE,
+    FLEECE_FILE,
+    FLEECE_FILE_NODE,
+    FLEECE_NODE,
     SERVER,
     STATUS_EXPORT,
     STORE_FILE,
     STORE_NODE,
     SWITCH,
-    TEMP_BITMAP,
     TLS,
     BackupJob,
     DiskJob,
@@ -66,6 +71,8 @@ from vcfs.errors import InvalidInput, NotFound, NotSupported
 # The steps of a begin, in order.
 CREATE_STORE = "create store"
 ADD_STORE_NODE = "add store node"
+CREATE_FLEECE = "create fleecing scratch"
+ADD_FLEECE_NODE = "add fleecing scratch node"
 ADD_CBW_NODE = "add copy-before-write node"
 ADD_TLS = "add TLS credentials"
 START_SERVER = "start NBD server"
@@ -73,6 +80,7 @@ TRANSACTION = "transaction"
 ADD_ACCESS_NODE = "add snapshot-access node"
 ADD_STATUS_EXPORT = "add status export"
 ADD_EXPORT = "add export"
+START_JOBS = "start block jobs"
 COMMIT = "commit checkpoint"
 
 
@@ -173,8 +181,8 @@ def _plan_disk(
         incremental=entry.incremental if entry.backupmode == INCREMENTAL else None,
     )
     fields = {"store": store, "driver": driver, "type": "file"}
+    job.cbw_node, job.access_node = f"{tag}c", f"{tag}a"
     if mode == PULL:
-        job.cbw_node, job.access_node = f"{tag}c", f"{tag}a"
         job.export_id = tag
         job.export_name = entry.exportname or entry.name
         job.status_export_id = f"{tag}z"
@@ -182,8 +190,11 @@ def _plan_disk(
         if job.incremental:
             job.export_bitmap = entry.exportbitmap or f"backup-{entry.name}"
         fields.update(exportname=job.export_name, exportbitmap=job.export_bitmap)
-    elif job.incremental:
-        job.temp_bitmap = f"backup-{entry.name}"
+    else:
+        job.fleece_path = str(facts.scratch_dir / f"{facts.domain}-{job_id}-{entry.name}.qcow2")
+        job.fleece_node, job.fleece_file_node = f"{tag}t", f"{tag}u"
+        if job.incremental:
+            job.temp_bitmap = f"backup-{entry.name}"
     return replace(entry, **fields), job  # type: ignore[arg-type]
 
 
@@ -230,9 +241,10 @@ def _plan_server(
 
 
 def steps(job: BackupJob) -> list[Step]:
-    """The steps that begin `job`, in order: stores, (pull) copy-before-write filters, TLS and
-    NBD server, the one transaction (pull: with the devices switched onto their filters),
-    (pull) snapshot-access nodes and exports, the checkpoint's commit last."""
+    """The steps that begin `job`, in order: per disk its store (pull: the scratch; push: the
+    target, then its scratch) and copy-before-write filter; (pull) TLS and NBD server; the one
+    transaction, with the devices switched onto their filters; snapshot-access nodes, then
+    (pull) exports or (push) the block jobs; the checkpoint's commit last."""
     pull = job.mode == PULL
     out: list[Step] = []
     for d in job.disks:
@@ -240,27 +252,33 @@ def steps(job: BackupJob) -> list[Step]:
         out.append(Step(CREATE_STORE, "backup.create-store",
                         (Piece(STORE_FILE, t), Piece(FILE_NODE, t)), t))
         out.append(Step(ADD_STORE_NODE, "backup.add-store-node", (Piece(STORE_NODE, t),), t))
-        if pull:
-            out.append(Step(ADD_CBW_NODE, "backup.add-cbw-node", (Piece(CBW_NODE, t),), t))
+        if not pull:
+            out.append(Step(CREATE_FLEECE, "backup.create-fleece",
+                            (Piece(FLEECE_FILE, t), Piece(FLEECE_FILE_NODE, t)), t))
+            out.append(Step(ADD_FLEECE_NODE, "backup.add-fleece-node",
+                            (Piece(FLEECE_NODE, t),), t))
+        out.append(Step(ADD_CBW_NODE, "backup.add-cbw-node", (Piece(CBW_NODE, t),), t))
     if pull:
         if job.tls_object:
             out.append(Step(ADD_TLS, None, (Piece(TLS),)))
         out.append(Step(START_SERVER, "backup.nbd-server-start", (Piece(SERVER),)))
-    # Released in reverse: the block jobs are cancelled before the bitmaps they use go; the
-    # devices leave their filters before the checkpoint's bitmaps go.
+    # Released in reverse: the devices leave their filters before the checkpoint's bitmaps go.
     made = [Piece(CHECKPOINT_BITMAPS)] if job.checkpoint_disks else []
-    made += [Piece(TEMP_BITMAP, d.target) for d in job.disks if d.temp_bitmap]
-    if pull:
-        made += [Piece(SWITCH, d.target) for d in job.disks]
-    else:
-        made += [Piece(BLOCK_JOB, d.target) for d in job.disks]
+    made += [Piece(SWITCH, d.target) for d in job.disks]
     out.append(Step(TRANSACTION, "backup.transaction", tuple(made)))
-    for d in job.disks if pull else ():
+    # A snapshot-access node makes its filter refuse writers beside it: only after the switch.
+    for d in job.disks:
         out.append(Step(ADD_ACCESS_NODE, "backup.add-access-node",
                         (Piece(ACCESS_NODE, d.target),), d.target))
-        out.append(Step(ADD_EXPORT, "backup.export-add", (Piece(EXPORT, d.target),), d.target))
-        out.append(Step(ADD_STATUS_EXPORT, "backup.status-export-add",
-                        (Piece(STATUS_EXPORT, d.target),), d.target))
+        if pull:
+            out.append(Step(ADD_EXPORT, "backup.export-add", (Piece(EXPORT, d.target),),
+                            d.target))
+            out.append(Step(ADD_STATUS_EXPORT, "backup.status-export-add",
+                            (Piece(STATUS_EXPORT, d.target),), d.target))
+    if not pull:
+        # Released first: the jobs are cancelled before anything they read or write goes.
+        out.append(Step(START_JOBS, "backup.start-jobs",
+                        tuple(Piece(BLOCK_JOB, d.target) for d in job.disks)))
     out.append(Step(COMMIT, "backup.commit"))
     return out
 
@@ -271,30 +289,40 @@ def pieces(job: BackupJob) -> list[Piece]:
 
 
 def transaction(job: BackupJob, checkpoint: list[AddBitmap]) -> list[Action]:
-    """The new checkpoint's bitmaps, each incremental disk's temporary bitmap (on the
-    scratch node for pull, on the disk for push) and (push) the backup jobs: one atomic point.
-    (Pull: the devices' switch onto their filters belongs to the same point; the service does
-    it with the guest stopped, as no transaction action can.)"""
+    """The new checkpoint's bitmaps and each incremental disk's temporary merged bitmap, on its
+    scratch node: one atomic point. (The devices' switch onto their filters belongs to the same
+    point; the service does it with the guest stopped, as no transaction action can.)"""
     actions: list[Action] = list(checkpoint)
     for d in job.disks:
-        if job.mode == PULL:
-            if d.incremental:
-                assert d.export_bitmap
-                actions += _merge_actions(d, d.store_node, d.export_bitmap)
-            continue
-        if d.temp_bitmap:
-            actions += _merge_actions(d, d.disk.node, d.temp_bitmap)
-        sync = INCREMENTAL if d.temp_bitmap else FULL
-        actions.append(BlockdevBackup(d.disk.node, d.job_id, d.store_node, sync, d.temp_bitmap))
+        name = d.export_bitmap if job.mode == PULL else d.temp_bitmap
+        if d.incremental:
+            assert name
+            actions += _merge_actions(d, d.scratch_node, name, ((d.disk.node, d.incremental),))
     return actions
 
 
-def _merge_actions(d: DiskJob, node: str, name: str) -> list[Action]:
+def block_jobs(job: BackupJob) -> list[Action]:
+    """Push: each disk's block job, copying the point in time from its snapshot-access node
+    into its target; an incremental job by a copy of the merged bitmap on that node (where
+    QEMU looks for it), which goes with the node."""
+    actions: list[Action] = []
+    for d in job.disks:
+        if d.temp_bitmap:
+            actions += _merge_actions(d, d.access_node, d.temp_bitmap,
+                                      ((d.scratch_node, d.temp_bitmap),))
+        actions.append(BlockdevBackup(d.access_node, d.job_id, d.store_node,
+                                      INCREMENTAL if d.temp_bitmap else FULL, d.temp_bitmap))
+    return actions
+
+
+def _merge_actions(
+    d: DiskJob, node: str, name: str, sources: tuple[tuple[str, str], ...]
+) -> list[Action]:
     """The temporary bitmap `name` on `node`, holding what changed since the base."""
     assert d.incremental
     base = d.disk.bitmap(d.incremental)
     assert base is not None
     return [
         AddBitmap(node, name, persistent=False, disabled=True, granularity=base.granularity),
-        MergeBitmaps(node, name, ((d.disk.node, d.incremental),)),
+        MergeBitmaps(node, name, sources),
     ]

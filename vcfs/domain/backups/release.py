@@ -21,12 +21,14 @@ from vcfs.domain.backups.job import (
     CHECKPOINT_BITMAPS,
     EXPORT,
     FILE_NODE,
+    FLEECE_FILE,
+    FLEECE_FILE_NODE,
+    FLEECE_NODE,
     SERVER,
     STATUS_EXPORT,
     STORE_FILE,
     STORE_NODE,
     SWITCH,
-    TEMP_BITMAP,
     TLS,
     BackupJob,
     Piece,
@@ -42,8 +44,8 @@ from vcfs.errors import BackendError, QmpCommandError, VcfsError
 log = logging.getLogger(__name__)
 
 CANCEL_TIMEOUT = 10.0
-LOCAL = frozenset({STORE_FILE, SERVER})
-"""Pieces with a part outside QEMU (the file; the server's unix socket): all that is left to
+LOCAL = frozenset({STORE_FILE, FLEECE_FILE, SERVER})
+"""Pieces with a part outside QEMU (the files; the server's unix socket): all that is left to
 release once QEMU is gone."""
 
 
@@ -118,6 +120,9 @@ async def release(
                         kept.append(d.store_path)
                     else:
                         ctx.system.remove(d.store_path)
+                elif p.kind == FLEECE_FILE:
+                    assert d is not None
+                    ctx.system.remove(d.fleece_path)
                 elif p.kind == SERVER:
                     await _stop_server(ctx, job, local_only)
                 else:
@@ -150,6 +155,12 @@ async def _release_in_qemu(
     elif p.kind == STORE_NODE:
         assert d is not None
         await qemu.delete_node(d.store_node)
+    elif p.kind == FLEECE_FILE_NODE:
+        assert d is not None
+        await qemu.delete_node(d.fleece_file_node)
+    elif p.kind == FLEECE_NODE:
+        assert d is not None
+        await qemu.delete_node(d.fleece_node)
     elif p.kind == CBW_NODE:
         assert d is not None
         await qemu.delete_node(d.cbw_node)
@@ -172,13 +183,6 @@ async def _release_in_qemu(
     elif p.kind == TLS:
         assert job.tls_object
         await qemu.object_del(job.tls_object)
-    elif p.kind == TEMP_BITMAP:
-        assert d is not None and d.temp_bitmap
-        disk = info.disk(d.target) if info is not None else d.disk
-        if uncertain and (disk is None or disk.bitmap(d.temp_bitmap) is None):
-            return
-        assert disk is not None
-        await qemu.transaction([RemoveBitmap(disk.node, d.temp_bitmap)])
     elif p.kind == CHECKPOINT_BITMAPS:
         assert info is not None and job.checkpoint
         name = job.checkpoint

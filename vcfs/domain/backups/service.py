@@ -22,6 +22,7 @@ import trio
 
 from vcfs.domain.backups.job import (
     CHECKPOINT_BITMAPS,
+    FLEECE_FILE,
     SERVER,
     STARTED,
     STORE_FILE,
@@ -33,15 +34,19 @@ from vcfs.domain.backups.plan import (
     ADD_ACCESS_NODE,
     ADD_CBW_NODE,
     ADD_EXPORT,
+    ADD_FLEECE_NODE,
     ADD_STATUS_EXPORT,
     ADD_STORE_NODE,
     ADD_TLS,
     COMMIT,
+    CREATE_FLEECE,
     CREATE_STORE,
+    START_JOBS,
     START_SERVER,
     TRANSACTION,
     Facts,
     Step,
+    block_jobs,
     pieces,
     plan_job,
     steps,
@@ -157,8 +162,9 @@ class BackupService:
                if job.mode == PULL else None)
         # What the guest's writes have made the filters copy so far: the host's own count of
         # the scratch file's blocks (QEMU's node statistics do not count a filter's copies).
-        scratch = ({d.target: self._ctx.system.disk_usage(d.store_path)[0] for d in job.disks
-                    if Piece(STORE_FILE, d.target) in job.made} if job.mode == PULL else {})
+        kind = STORE_FILE if job.mode == PULL else FLEECE_FILE
+        scratch = {d.target: self._ctx.system.disk_usage(d.scratch_path)[0] for d in job.disks
+                   if Piece(kind, d.target) in job.made}
         return render_status(
             JobStatus(job.state, job.mode, disks, nbd, job.error, scratch)).encode()
 
@@ -260,10 +266,18 @@ class BackupService:
             # snapshot-access node reads only what the filter copied from it.
             backing = d.disk.node if job.mode == PULL else None
             await _call(qemu.add_format_node(d.store_node, d.file_node, d.driver, backing))
+        elif step.action == CREATE_FLEECE:
+            assert d is not None
+            await _call(qemu.create_image(d.fleece_path, d.fleece_file_node, "qcow2",
+                                          d.disk.size, d.disk.cluster_size))
+        elif step.action == ADD_FLEECE_NODE:
+            assert d is not None
+            await _call(qemu.add_format_node(d.fleece_node, d.fleece_file_node, "qcow2",
+                                             d.disk.node))
         elif step.action == ADD_CBW_NODE:
             assert d is not None
             # The filter copies nothing until the device writes through it (TRANSACTION).
-            await _call(qemu.add_cbw_node(d.cbw_node, d.disk.node, d.store_node,
+            await _call(qemu.add_cbw_node(d.cbw_node, d.disk.node, d.scratch_node,
                                           self._cbw_timeout))
         elif step.action == ADD_TLS:
             assert job.tls_object and self._tls_dir
@@ -278,10 +292,7 @@ class BackupService:
         elif step.action == TRANSACTION:
             actions = transaction(job, prepared.actions if prepared else [])
             try:
-                if job.mode == PULL:
-                    await self._fleece(job, actions)
-                else:
-                    await _call(qemu.transaction(actions))
+                await self._fleece(job, actions)
             finally:
                 self._ctx.invalidate()
         elif step.action == ADD_ACCESS_NODE:
@@ -299,6 +310,10 @@ class BackupService:
             # Without the bitmap: QEMU lets one export publish a bitmap (the one above).
             await _call(qemu.export_add(d.status_export_id, d.store_node, d.status_export_name,
                                         None))
+        elif step.action == START_JOBS:
+            # QEMU reports a failing read of the snapshot (it broke) or write of the target as
+            # the job's error: the job fails, the guest never sees it.
+            await _call(qemu.transaction(block_jobs(job)))
         elif step.action == COMMIT:
             if prepared:
                 # The checkpoint owns its bitmaps from here on; a failing commit has already
@@ -307,7 +322,7 @@ class BackupService:
                 await self._checkpoints.commit(prepared)
 
     async def _fleece(self, job: BackupJob, actions: list[Action]) -> None:
-        """The point in time of a pull backup: with the guest's vCPUs stopped (its I/O drained)
+        """The point in time of a backup: with the guest's vCPUs stopped (its I/O drained)
         the transaction and every device's switch onto its copy-before-write filter, so the
         bitmaps and the snapshot agree to the write. QEMU cannot switch a device inside a
         transaction; the guest stops for a few milliseconds instead."""
@@ -336,7 +351,7 @@ class BackupService:
         self._jobs[job.id] = job
         self.latest = job.id
         if job.mode == PUSH:
-            watcher = PushWatcher(self._ctx, job, self._forget_record)
+            watcher = PushWatcher(self._ctx, job, self._forget_record, self._cbw_timeout)
             self._watchers[job.id] = watcher
             self._ctx.spawn(watcher.run)
         else:

@@ -8,9 +8,11 @@ first cluster twice a second (one small NBD request over its own connection) and
 with the reason, at the first error.
 
 `PushWatcher`: a push job copies into target files inside QEMU; nobody reads it through vcfs,
-so a background task polls it. When a disk's QEMU job ends, its nodes (and temporary bitmap)
-are released at once so the target is usable; when every disk has ended, the targets of a job
-that did not complete are removed and the job's record is dropped.
+so a background task polls it. When a disk's QEMU job ends, the device leaves its filter and
+the disk's nodes and scratch are released at once, so the target is usable; when every disk has
+ended, the targets of a job that did not complete are removed and the job's record is dropped.
+A snapshot that broke fails the block job's reads, a full target its writes: either way QEMU
+fails the job, and the watcher says why.
 Thread rule: trio tasks only; `poll` and `cancel` are serialised by the job's lock, so a disk's
 end state is published only after QEMU has let go of its target.
 """
@@ -23,11 +25,16 @@ from collections.abc import Callable, Sequence
 import trio
 
 from vcfs.domain.backups.job import (
+    ACCESS_NODE,
     BLOCK_JOB,
+    CBW_NODE,
     FILE_NODE,
+    FLEECE_FILE,
+    FLEECE_FILE_NODE,
+    FLEECE_NODE,
     STORE_FILE,
     STORE_NODE,
-    TEMP_BITMAP,
+    SWITCH,
     BackupJob,
     DiskJob,
     Piece,
@@ -35,7 +42,7 @@ from vcfs.domain.backups.job import (
 )
 from vcfs.domain.backups.release import CANCEL_TIMEOUT, cancel_jobs, release
 from vcfs.domain.context import DomainContext
-from vcfs.domain.ports import Export
+from vcfs.domain.ports import Export, LocalSystem
 from vcfs.domain.status import CANCELLED, COMPLETED, FAILED, RUNNING
 from vcfs.errors import BackendError, VcfsError
 
@@ -49,16 +56,23 @@ PROBE_TIMEOUT = 5.0
 PROBE_BYTES = 65536
 
 
+DISK_PIECES = (SWITCH, ACCESS_NODE, CBW_NODE, FLEECE_NODE, FLEECE_FILE_NODE, FLEECE_FILE,
+               STORE_NODE, FILE_NODE)
+"""What a push disk holds in QEMU until its block job ends (the target file stays)."""
+
+
 class PushWatcher:
     """Follows one push job until it ends (`run`), or until told to stop (`stop`)."""
 
     def __init__(
-        self, ctx: DomainContext, job: BackupJob, ended: Callable[[BackupJob], None]
+        self, ctx: DomainContext, job: BackupJob, ended: Callable[[BackupJob], None],
+        cbw_timeout: int,
     ) -> None:
         self._ctx = ctx
         self.job = job
         self._ended = ended
         """Called once when every disk has ended (drops the job's record)."""
+        self._cbw_timeout = cbw_timeout
         self._scope: trio.CancelScope | None = None
         self._stopped = False
 
@@ -124,13 +138,16 @@ class PushWatcher:
             await self._finish()
 
     async def _conclude(self, d: DiskJob) -> None:
-        """QEMU lets go of the target (and of the temporary bitmap); then the end shows."""
+        """The device leaves its filter, QEMU lets go of the target and the scratch; then the
+        end shows."""
         # A job gone without a noted outcome was dismissed behind vcfs's back.
         state, error = d.outcome or (FAILED, "the block job vanished")
+        if state == FAILED and d.outcome is not None:
+            error = push_failure(self._ctx.system, d, error or "", self._cbw_timeout)
         self.job.made.discard(Piece(BLOCK_JOB, d.target))
         await release(
             self._ctx, self.job,
-            only={Piece(k, d.target) for k in (STORE_NODE, FILE_NODE, TEMP_BITMAP)},
+            only={Piece(k, d.target) for k in DISK_PIECES},
             level=logging.WARNING,
         )
         d.state, d.error = state, error
@@ -215,7 +232,8 @@ class PullWatcher:
             error = await self._probe(i)
             if error is None or self._stopped or job.state != RUNNING or job.ending:
                 continue
-            reason = f"disk {d.target}: {self.diagnose(d, error)}"
+            cause = pull_failure(self._ctx.system, d, error, self._cbw_timeout)
+            reason = f"disk {d.target}: {cause}"
             log.warning("domain %s: backup %s failed: %s", self._ctx.name, job.id, reason)
             job.fail(reason)
             self._report(f"backups/{job.id}", "FAILED", reason)
@@ -248,16 +266,34 @@ class PullWatcher:
             return str(e)
         return None
 
-    def diagnose(self, d: DiskJob, error: str) -> str:
-        """Why a snapshot broke, as far as the host can tell: a full scratch file system, else
-        a failing or stalled scratch (QEMU does not say which)."""
-        used, free = self._ctx.system.disk_usage(d.store_path)
-        cluster = d.disk.cluster_size or 65536
-        if free < cluster:
-            cause = (f"scratch full at {used} bytes ({d.store_path}: no space left on its file "
-                     "system)")
-        else:
-            cause = (f"a copy into scratch {d.store_path} failed or took over the "
-                     f"{self._cbw_timeout} s cbw-timeout ({used} bytes in use, {free} free)")
-        return (f"fleecing snapshot broken: {cause}; the guest's writes went on, this backup "
-                f"can no longer be read (export: {error})")
+
+
+def _scratch_cause(system: LocalSystem, d: DiskJob, timeout: int) -> tuple[bool, str]:
+    """(whether the scratch is full, what the host can tell of why a snapshot broke). QEMU
+    does not say whether a copy failed or timed out."""
+    used, free = system.disk_usage(d.scratch_path)
+    if free < (d.disk.cluster_size or 65536):
+        return True, (f"scratch full at {used} bytes ({d.scratch_path}: no space left on its "
+                      "file system)")
+    return False, (f"a copy into scratch {d.scratch_path} failed or took over the {timeout} s "
+                   f"cbw-timeout ({used} bytes in use, {free} free)")
+
+
+def pull_failure(system: LocalSystem, d: DiskJob, error: str, timeout: int) -> str:
+    """Why a pull backup's export failed: its fleecing snapshot broke."""
+    cause = _scratch_cause(system, d, timeout)[1]
+    return (f"fleecing snapshot broken: {cause}; the guest's writes went on, this backup "
+            f"can no longer be read (export: {error})")
+
+
+def push_failure(system: LocalSystem, d: DiskJob, error: str, timeout: int) -> str:
+    """Why a push job failed: a full target, else a broken snapshot, else QEMU's word."""
+    used, free = system.disk_usage(d.store_path)
+    if free < (d.disk.cluster_size or 65536):
+        return (f"target full at {used} bytes ({d.store_path}: no space left on its file "
+                f"system); the guest's writes went on (QEMU: {error})")
+    full, cause = _scratch_cause(system, d, timeout)
+    if full:
+        return (f"fleecing snapshot broken: {cause}; the guest's writes went on (QEMU: "
+                f"{error})")
+    return f"{error} (the guest's writes went on)"
