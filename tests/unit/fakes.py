@@ -95,6 +95,12 @@ class FakeQemu:
         """Copy-before-write node -> its cbw-timeout."""
         self.broken: set[str] = set()
         """Export names whose copy-before-write snapshot broke: their reads fail."""
+        self.limits: dict[str, int] = {}
+        """Format node -> the most its file may grow to (`add_format_node`'s `limit`)."""
+        self.shutdown_pauses = False
+        """`set-action shutdown=pause` is in force (`preserve_shutdown`)."""
+        self.guest_shut_down = False
+        """The guest shut down and QEMU waits, paused."""
 
     # ---- test controls ----------------------------------------------------------------------
 
@@ -118,6 +124,7 @@ class FakeQemu:
             "jobs": sorted(self.jobs_), "exports": sorted(self.exports),
             "server": self.server, "objects": sorted(self.objects),
             "drives": dict(self.drives), "running": self.running,
+            "shutdown_pauses": self.shutdown_pauses,
         }
 
     def break_snapshot(self, target: str) -> None:
@@ -223,9 +230,12 @@ class FakeQemu:
         self.nodes[file_node] = FakeNode(path)
 
     async def add_format_node(
-        self, node: str, file_node: str, fmt: str, backing: str | None = None
+        self, node: str, file_node: str, fmt: str, backing: str | None = None,
+        limit: int | None = None,
     ) -> None:
         self._check("add_format_node")
+        if limit is not None:
+            self.limits[node] = limit
         if self._node_exists(node):
             _refuse("blockdev-add", f"Duplicate nodes with node-name='{node}'")
         if file_node not in self.nodes or (backing and not self._node_exists(backing)):
@@ -281,6 +291,25 @@ class FakeQemu:
     async def resume(self) -> None:
         self._check("resume")
         self.running = True
+
+    async def preserve_shutdown(self, on: bool) -> None:
+        self._check("preserve_shutdown")
+        self.shutdown_pauses = on
+
+    async def shut_down(self) -> bool:
+        self._check("shut_down")
+        return self.guest_shut_down
+
+    async def quit(self) -> None:
+        self._check("quit")
+        self.closed = True
+
+    def guest_shutdown(self) -> None:
+        """The guest powers off: QEMU pauses if told to, else exits."""
+        if self.shutdown_pauses:
+            self.guest_shut_down, self.running = True, False
+        else:
+            self.closed = True
 
     async def nbd_server_start(self, address: NbdAddress, tls_creds: str | None = None) -> None:
         self._check("nbd_server_start")

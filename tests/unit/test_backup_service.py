@@ -245,6 +245,101 @@ def test_the_cbw_timeout_of_the_mount_reaches_every_filter():
     run(test)
 
 
+def domain_with(w: World, **options: object) -> Domain:
+    """A second vcfs over the same QEMU, mounted with other options."""
+    env = environment(w.store, w.qemu)
+    for name, value in options.items():
+        setattr(env, name, value)
+    return Domain("vm1", w.qemu, env, w.nursery.start_soon)
+
+
+@pytest.mark.parametrize("mode", ["pull", "push"])
+def test_the_scratch_limit_bounds_every_scratch_and_nothing_else(mode):
+    async def test(w: World) -> None:
+        dom = domain_with(w, scratch_limit=8 << 20)
+        await dom.start()
+        job_id = await dom.backups.begin(pull_doc() if mode == "pull" else push_doc())
+        job = dom.backups.require(job_id)
+        assert w.qemu.limits == {d.scratch_node: 8 << 20 for d in job.disks}
+        if mode == "push":  # the target is the user's: no limit but its file system's
+            assert all(d.store_node not in w.qemu.limits for d in job.disks)
+        await dom.backups.end(job_id)
+
+    run(test)
+
+
+def test_a_scratch_stopped_by_its_limit_says_so():
+    async def test(w: World) -> None:
+        dom = domain_with(w, scratch_limit=8 << 20)
+        await dom.start()
+        job_id = await dom.backups.begin(pull_doc())
+        d = dom.backups.require(job_id).disks[0]
+        dom.context.system.usage[d.scratch_path] = ((8 << 20) - (256 << 10), 1 << 30)
+        w.qemu.break_snapshot(d.export_name)
+        await trio.sleep(1)
+        status = (await dom.backups.status(job_id)).decode()
+        assert "state: failed\n" in status
+        assert ("error: disk vda: fleecing snapshot broken: scratch limit of 8388608 bytes "
+                "reached (8126464 bytes in use); the guest's writes went on") in status
+        await dom.backups.end(job_id)
+
+    run(test, threshold=0.05)
+
+
+@pytest.mark.parametrize("mode", ["pull", "push"])
+def test_preserve_shutdown_keeps_a_guest_that_shuts_down_until_the_backup_ends(mode):
+    async def test(w: World) -> None:
+        dom = domain_with(w, preserve_shutdown=True)
+        await dom.start()
+        job_id = await dom.backups.begin(pull_doc() if mode == "pull" else push_doc())
+        job = dom.backups.require(job_id)
+        assert w.qemu.shutdown_pauses
+        w.qemu.guest_shutdown()
+        assert not w.qemu.closed
+        status = (await dom.backups.status(job_id)).decode()
+        assert "state: running\n" in status and "guest: shut down; QEMU waits" in status
+        if mode == "pull":
+            await dom.backups.end(job_id)
+        else:
+            w.qemu.conclude(job.disks[0].job_id)
+            await settle()
+            assert job.state == "completed"
+        # The last backup gone, the shutdown completes: QEMU quits; the action is back first.
+        assert w.qemu.calls[-3:] == ["preserve_shutdown", "shut_down", "quit"]
+        assert not w.qemu.shutdown_pauses and w.qemu.closed
+
+    run(test, threshold=0.05)
+
+
+def test_preserve_shutdown_lets_a_running_guest_run_and_undoes_a_failed_begin():
+    async def test(w: World) -> None:
+        dom = domain_with(w, preserve_shutdown=True)
+        await dom.start()
+        before = w.state()
+        w.qemu.refuse["export_add"] = "refused"
+        with pytest.raises(BackendError):
+            await dom.backups.begin(pull_doc())
+        del w.qemu.refuse["export_add"]
+        assert w.state() == before and not w.qemu.shutdown_pauses
+        job_id = await dom.backups.begin(pull_doc())
+        await dom.backups.end(job_id)
+        assert not w.qemu.shutdown_pauses and not w.qemu.closed and w.qemu.calls[-1] == "shut_down"
+
+    run(test)
+
+
+def test_without_preserve_shutdown_the_action_is_never_touched_and_the_error_says_why():
+    async def test(w: World) -> None:
+        job_id = await w.backups.begin(pull_doc())
+        w.qemu.guest_shutdown()
+        w.dom.backups.qemu_gone()
+        job = w.backups.require(job_id)
+        assert job.state == "failed" and "--preserve-shutdown" in (job.error or "")
+        assert "preserve_shutdown" not in w.qemu.calls and "shut_down" not in w.qemu.calls
+
+    run(test)
+
+
 def test_pull_with_tls_adds_and_removes_its_credentials():
     async def test(w: World) -> None:
         doc = (b"<domainbackup mode='pull'><server transport='tcp' tls='yes'/>"
@@ -536,7 +631,7 @@ def test_qemu_gone_fails_jobs_and_abandon_removes_our_files():
         job = w.backups.require("b")
         await w.qemu.close()
         w.backups.qemu_gone()
-        assert job.state == "failed" and job.error == "QEMU is gone"
+        assert job.state == "failed" and (job.error or "").startswith("QEMU is gone (the guest")
         await w.backups.abandon()
         assert w.backups.names() == []
         assert w.qemu.files == set()  # scratch files and socket: ours to remove

@@ -279,9 +279,16 @@ class QmpQemu:
             raise
 
     async def add_format_node(
-        self, node: str, file_node: str, fmt: str, backing: str | None = None
+        self, node: str, file_node: str, fmt: str, backing: str | None = None,
+        limit: int | None = None,
     ) -> None:
         options: dict[str, Any] = {"driver": fmt, "node-name": node, "file": file_node}
+        if limit is not None:
+            # A raw window of `limit` bytes over the (sparse, so still free) file: a write past
+            # it fails with ENOSPC inside QEMU, exactly as a full file system would. The window
+            # is an implicit child of the format node and goes with it.
+            await self.execute("block_resize", {"node-name": file_node, "size": limit})
+            options["file"] = {"driver": "raw", "file": file_node, "offset": 0, "size": limit}
         if fmt == "qcow2":
             # Without a backing node, never open the backing file named in the header.
             options["backing"] = backing
@@ -323,6 +330,18 @@ class QmpQemu:
 
     async def resume(self) -> None:
         await self.execute("cont")
+
+    async def preserve_shutdown(self, on: bool) -> None:
+        await self.execute("set-action", {"shutdown": "pause" if on else "poweroff"})
+
+    async def shut_down(self) -> bool:
+        return bool((await self.execute("query-status")).get("status") == "shutdown")
+
+    async def quit(self) -> None:
+        try:
+            await self.execute("quit")
+        except Disconnected:
+            pass  # QEMU may close the monitor before its answer is read
 
     async def nbd_server_start(self, address: NbdAddress, tls_creds: str | None = None) -> None:
         if address.transport == "unix":

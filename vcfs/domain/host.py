@@ -51,7 +51,11 @@ class Environment:
     cache: BlockCache = field(default_factory=BlockCache)
     """Image blocks of every backup view of the mount, within one memory budget."""
     cbw_timeout: int = CBW_TIMEOUT
-    """Seconds a pull backup's copy-before-write may hold a guest write (`--cbw-timeout`)."""
+    """Seconds a backup's copy-before-write may hold a guest write (`--cbw-timeout`)."""
+    scratch_limit: int | None = None
+    """Bytes of scratch one disk of a backup may use (`--scratch-limit`); None: no limit."""
+    preserve_shutdown: bool = False
+    """A guest shutting down during a backup pauses instead (`--preserve-shutdown`)."""
 
 
 class Domain:
@@ -69,7 +73,7 @@ class Domain:
         self.backups = BackupService(
             self.context, self.checkpoints, env.store, env.codec, env.runtime_dir,
             env.scratch_dir, env.open_export, env.tls_dir, env.cache, self.report,
-            env.cbw_timeout,
+            env.cbw_timeout, env.scratch_limit, env.preserve_shutdown,
         )
         self.created = time.time()
         self.socket_ino = 0

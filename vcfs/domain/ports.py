@@ -115,9 +115,12 @@ class Qemu(Protocol):
         ...
 
     async def add_format_node(
-        self, node: str, file_node: str, fmt: str, backing: str | None = None
+        self, node: str, file_node: str, fmt: str, backing: str | None = None,
+        limit: int | None = None,
     ) -> None:
-        """`blockdev-add` a format node over `file_node`, with `backing` node when given."""
+        """`blockdev-add` a format node over `file_node`, with `backing` node when given; with
+        `limit`, the image's file cannot grow past `limit` bytes (writes past it fail as on a
+        full file system)."""
         ...
 
     async def delete_node(self, node: str) -> None:
@@ -144,6 +147,19 @@ class Qemu(Protocol):
 
     async def resume(self) -> None:
         """Let a guest stopped by `pause` run again."""
+        ...
+
+    async def preserve_shutdown(self, on: bool) -> None:
+        """Whether a guest that shuts down leaves QEMU paused (`set-action shutdown=pause`)
+        rather than exiting (QEMU's default, `poweroff`)."""
+        ...
+
+    async def shut_down(self) -> bool:
+        """Whether the guest has shut down and QEMU waits, paused (see `preserve_shutdown`)."""
+        ...
+
+    async def quit(self) -> None:
+        """End QEMU (as its guest's shutdown would have); returns once it is going."""
         ...
 
     async def nbd_server_start(self, address: NbdAddress, tls_creds: str | None = None) -> None:

@@ -8,7 +8,8 @@ once and both sides use `render` and `parse`:
     mode: pull|push
     disk <name>: <done>/<total>        one line per disk, in the job's order
     nbd-read: <bytes>                  pull jobs only
-    scratch <name>: <bytes>            pull jobs only: the host disk space its scratch uses
+    scratch <name>: <bytes>            the host disk space its scratch uses, while it exists
+    guest: <one line>                  only when the guest shut down and QEMU waits for the job
     error: <one line>                  only when the job failed
 
 `parse(render(s)) == s` for every record (an error is folded to one line when rendered).
@@ -44,7 +45,9 @@ class JobStatus:
     """Bytes fetched from the NBD export (pull jobs); None when the line is absent."""
     error: str | None = None
     scratch: dict[str, int] = field(default_factory=dict)
-    """Per disk, the bytes its scratch file occupies on the host (pull jobs)."""
+    """Per disk, the bytes its scratch file occupies on the host."""
+    guest: str | None = None
+    """What became of the guest, when that matters to the job (it shut down meanwhile)."""
 
 
 def one_line(text: str) -> str:
@@ -59,6 +62,8 @@ def render(status: JobStatus) -> str:
     if status.nbd_read is not None:
         lines.append(f"nbd-read: {status.nbd_read}")
     lines += [f"scratch {name}: {n}" for name, n in status.scratch.items()]
+    if status.guest:
+        lines.append(f"guest: {one_line(status.guest)}")
     if status.error:
         lines.append(f"error: {one_line(status.error)}")
     return "".join(line + "\n" for line in lines)
@@ -85,6 +90,8 @@ def parse(text: str) -> JobStatus:
             st.nbd_read = int(value)
         elif key.startswith("scratch "):
             st.scratch[key[8:]] = int(value)
+        elif key == "guest":
+            st.guest = value
         elif key == "error":
             st.error = value
     if not st.state:

@@ -53,7 +53,7 @@ from vcfs.domain.backups.plan import (
     transaction,
 )
 from vcfs.domain.backups.release import release
-from vcfs.domain.backups.watcher import PullWatcher, PushWatcher
+from vcfs.domain.backups.watcher import PullWatcher, PushWatcher, ScratchLimits
 from vcfs.domain.checkpoints import CheckpointService, PreparedCheckpoint
 from vcfs.domain.context import DomainContext
 from vcfs.domain.faults import fault_point
@@ -98,10 +98,15 @@ class BackupService:
         cache: BlockCache | None = None,
         report: Reporter | None = None,
         cbw_timeout: int = CBW_TIMEOUT,
+        scratch_limit: int | None = None,
+        preserve_shutdown: bool = False,
     ) -> None:
         self._ctx = ctx
         self._report: Reporter = report or (lambda path, code, message: None)
         self._cbw_timeout = cbw_timeout
+        self._scratch_limit = scratch_limit
+        self._limits = ScratchLimits(cbw_timeout, scratch_limit)
+        self._preserve_shutdown = preserve_shutdown
         self._checkpoints = checkpoints
         self._cache = cache or BlockCache()
         self._tls_dir = tls_dir
@@ -165,8 +170,13 @@ class BackupService:
         kind = STORE_FILE if job.mode == PULL else FLEECE_FILE
         scratch = {d.target: self._ctx.system.disk_usage(d.scratch_path)[0] for d in job.disks
                    if Piece(kind, d.target) in job.made}
+        guest = None
+        if (self._preserve_shutdown and job.state == RUNNING and not self._ctx.qemu.closed
+                and await self._ctx.qemu.shut_down()):
+            guest = ("shut down; QEMU waits, paused, until no backup runs (rmdir completes "
+                     "the shutdown)")
         return render_status(
-            JobStatus(job.state, job.mode, disks, nbd, job.error, scratch)).encode()
+            JobStatus(job.state, job.mode, disks, nbd, job.error, scratch, guest)).encode()
 
     def views(self, job_id: str, target: str) -> DiskViews:
         """The files of one disk of a running pull backup."""
@@ -215,7 +225,15 @@ class BackupService:
         )
         job = plan_job(job_id, backup, facts, prepared)
         started = time.monotonic()
-        await self._start(job, prepared, info)
+        try:
+            if self._preserve_shutdown:
+                # Before the point in time: a guest shutting down from then on stays.
+                await _call(self._ctx.qemu.preserve_shutdown(True))
+            await self._start(job, prepared, info)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self._settle_shutdown()
+            raise
         self._adopt(job)
         log.info("domain %s: began %s backup %s of %s in %.1f ms", self._ctx.name, job.mode,
                  job_id, ", ".join(d.target for d in job.disks),
@@ -264,8 +282,11 @@ class BackupService:
             assert d is not None
             # Pull: the scratch overlays the disk, for the status export (see `plan`); the
             # snapshot-access node reads only what the filter copied from it.
-            backing = d.disk.node if job.mode == PULL else None
-            await _call(qemu.add_format_node(d.store_node, d.file_node, d.driver, backing))
+            if job.mode == PULL:  # the store is the scratch
+                await _call(qemu.add_format_node(d.store_node, d.file_node, d.driver,
+                                                 d.disk.node, self._scratch_limit))
+            else:
+                await _call(qemu.add_format_node(d.store_node, d.file_node, d.driver))
         elif step.action == CREATE_FLEECE:
             assert d is not None
             await _call(qemu.create_image(d.fleece_path, d.fleece_file_node, "qcow2",
@@ -273,7 +294,7 @@ class BackupService:
         elif step.action == ADD_FLEECE_NODE:
             assert d is not None
             await _call(qemu.add_format_node(d.fleece_node, d.fleece_file_node, "qcow2",
-                                             d.disk.node))
+                                             d.disk.node, self._scratch_limit))
         elif step.action == ADD_CBW_NODE:
             assert d is not None
             # The filter copies nothing until the device writes through it (TRANSACTION).
@@ -351,13 +372,13 @@ class BackupService:
         self._jobs[job.id] = job
         self.latest = job.id
         if job.mode == PUSH:
-            watcher = PushWatcher(self._ctx, job, self._forget_record, self._cbw_timeout)
+            watcher = PushWatcher(self._ctx, job, self._push_ended, self._limits)
             self._watchers[job.id] = watcher
             self._ctx.spawn(watcher.run)
         else:
             self._open_views(job)
             probe = PullWatcher(self._ctx, job, self._probe_openers(job), self._report,
-                                self._cbw_timeout)
+                                self._limits)
             self._probes[job.id] = probe
             self._ctx.spawn(probe.run)
 
@@ -385,6 +406,26 @@ class BackupService:
                 d.disk, source, self._ctx.spawn, bool(d.incremental), backing, self._cache,
                 saved,
             )
+
+    def _push_ended(self, job: BackupJob) -> None:
+        self._forget_record(job)
+        self._ctx.spawn(self._settle_shutdown)
+
+    async def _settle_shutdown(self) -> None:
+        """`--preserve-shutdown`: QEMU pauses a guest that shuts down while a backup runs. Once
+        none runs, QEMU's default action (exit) is back, and a guest that shut down meanwhile
+        is let go: QEMU quits, as its shutdown would have made it."""
+        qemu = self._ctx.qemu
+        if not self._preserve_shutdown or qemu.closed or self.active() is not None:
+            return
+        try:
+            await qemu.preserve_shutdown(False)
+            if await qemu.shut_down():
+                log.info("domain %s: the guest shut down during a backup; QEMU quits now",
+                         self._ctx.name)
+                await qemu.quit()
+        except VcfsError as e:
+            log.warning("domain %s: completing the guest's shutdown: %s", self._ctx.name, e)
 
     def _forget_record(self, job: BackupJob) -> None:
         try:
@@ -432,6 +473,10 @@ class BackupService:
             note = f" (kept completed targets {', '.join(kept)})" if kept else ""
             done.append((f"backups/{job.id}",
                          f"cleaned up {job.mode} backup {job.id} interrupted by a crash{note}"))
+        if self._preserve_shutdown and self.active() is not None:
+            await _call(self._ctx.qemu.preserve_shutdown(True))
+        else:
+            await self._settle_shutdown()  # a guest a crash left waiting is let go
         return done
 
     async def _intact(self, job: BackupJob, jobs: dict[str, BlockJob], info: DomainInfo) -> bool:
@@ -469,6 +514,7 @@ class BackupService:
         if self.latest == job_id:
             self.latest = next(reversed(self._jobs), None) if self._jobs else None
         log.info("domain %s: ended backup %s", self._ctx.name, job_id)
+        await self._settle_shutdown()
 
     async def _end_pull(self, job: BackupJob) -> None:
         """Stop readers, then release exports, jobs, the NBD server, scratch nodes and files."""
@@ -498,10 +544,15 @@ class BackupService:
                 if job.mode == PULL:
                     await release(self._ctx, job, local_only=True)
 
+    def _gone_reason(self) -> str:
+        hint = ("" if self._preserve_shutdown else "; mount with --preserve-shutdown to keep a "
+                "guest that shuts down until its backup ends")
+        return f"QEMU is gone (the guest shut down, or QEMU was stopped){hint}"
+
     def qemu_gone(self) -> None:
         """QEMU died: every running job failed; readers fail at once instead of hanging."""
         for job in self._jobs.values():
-            job.fail("QEMU is gone")
+            job.fail(self._gone_reason())
 
 
 async def _call(coro: Awaitable[None]) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import trio
 
@@ -66,13 +67,13 @@ class PushWatcher:
 
     def __init__(
         self, ctx: DomainContext, job: BackupJob, ended: Callable[[BackupJob], None],
-        cbw_timeout: int,
+        limits: ScratchLimits,
     ) -> None:
         self._ctx = ctx
         self.job = job
         self._ended = ended
         """Called once when every disk has ended (drops the job's record)."""
-        self._cbw_timeout = cbw_timeout
+        self._limits = limits
         self._scope: trio.CancelScope | None = None
         self._stopped = False
 
@@ -143,7 +144,7 @@ class PushWatcher:
         # A job gone without a noted outcome was dismissed behind vcfs's back.
         state, error = d.outcome or (FAILED, "the block job vanished")
         if state == FAILED and d.outcome is not None:
-            error = push_failure(self._ctx.system, d, error or "", self._cbw_timeout)
+            error = push_failure(self._ctx.system, d, error or "", self._limits)
         self.job.made.discard(Piece(BLOCK_JOB, d.target))
         await release(
             self._ctx, self.job,
@@ -174,7 +175,7 @@ class PullWatcher:
         job: BackupJob,
         openers: Sequence[Callable[[], Export]],
         report: Callable[[str, str, str], None],
-        cbw_timeout: int,
+        limits: ScratchLimits,
     ) -> None:
         self._ctx = ctx
         self.job = job
@@ -182,7 +183,7 @@ class PullWatcher:
         """Per disk, in the job's order: a new connection to its export."""
         self._exports: list[Export | None] = [None] * len(self._openers)
         self._report = report
-        self._cbw_timeout = cbw_timeout
+        self._limits = limits
         self._stopped = False
         self._wake = trio.Event()
         self._done = trio.Event()
@@ -232,7 +233,7 @@ class PullWatcher:
             error = await self._probe(i)
             if error is None or self._stopped or job.state != RUNNING or job.ending:
                 continue
-            cause = pull_failure(self._ctx.system, d, error, self._cbw_timeout)
+            cause = pull_failure(self._ctx.system, d, error, self._limits)
             reason = f"disk {d.target}: {cause}"
             log.warning("domain %s: backup %s failed: %s", self._ctx.name, job.id, reason)
             job.fail(reason)
@@ -268,31 +269,47 @@ class PullWatcher:
 
 
 
-def _scratch_cause(system: LocalSystem, d: DiskJob, timeout: int) -> tuple[bool, str]:
+@dataclass(frozen=True)
+class ScratchLimits:
+    """What the copy-before-write filters were told (mount options): to say why one broke."""
+
+    cbw_timeout: int
+    """Seconds a copy may hold a guest write."""
+    scratch_limit: int | None = None
+    """Bytes each disk's scratch may use."""
+
+
+def _scratch_cause(system: LocalSystem, d: DiskJob, limits: ScratchLimits) -> tuple[bool, str]:
     """(whether the scratch is full, what the host can tell of why a snapshot broke). QEMU
     does not say whether a copy failed or timed out."""
     used, free = system.disk_usage(d.scratch_path)
-    if free < (d.disk.cluster_size or 65536):
+    cluster = d.disk.cluster_size or 65536
+    limit = limits.scratch_limit
+    # A scratch stopped by its limit has allocated nearly all of its window (qcow2 allocates
+    # clusters one after the other; a few may be left unused).
+    if limit is not None and used >= limit - max(limit // 16, 16 * cluster):
+        return True, f"scratch limit of {limit} bytes reached ({used} bytes in use)"
+    if free < cluster:
         return True, (f"scratch full at {used} bytes ({d.scratch_path}: no space left on its "
                       "file system)")
-    return False, (f"a copy into scratch {d.scratch_path} failed or took over the {timeout} s "
-                   f"cbw-timeout ({used} bytes in use, {free} free)")
+    return False, (f"a copy into scratch {d.scratch_path} failed or took over the "
+                   f"{limits.cbw_timeout} s cbw-timeout ({used} bytes in use, {free} free)")
 
 
-def pull_failure(system: LocalSystem, d: DiskJob, error: str, timeout: int) -> str:
+def pull_failure(system: LocalSystem, d: DiskJob, error: str, limits: ScratchLimits) -> str:
     """Why a pull backup's export failed: its fleecing snapshot broke."""
-    cause = _scratch_cause(system, d, timeout)[1]
+    cause = _scratch_cause(system, d, limits)[1]
     return (f"fleecing snapshot broken: {cause}; the guest's writes went on, this backup "
             f"can no longer be read (export: {error})")
 
 
-def push_failure(system: LocalSystem, d: DiskJob, error: str, timeout: int) -> str:
+def push_failure(system: LocalSystem, d: DiskJob, error: str, limits: ScratchLimits) -> str:
     """Why a push job failed: a full target, else a broken snapshot, else QEMU's word."""
     used, free = system.disk_usage(d.store_path)
     if free < (d.disk.cluster_size or 65536):
         return (f"target full at {used} bytes ({d.store_path}: no space left on its file "
                 f"system); the guest's writes went on (QEMU: {error})")
-    full, cause = _scratch_cause(system, d, timeout)
+    full, cause = _scratch_cause(system, d, limits)
     if full:
         return (f"fleecing snapshot broken: {cause}; the guest's writes went on (QEMU: "
                 f"{error})")
