@@ -179,7 +179,9 @@ TREE: tuple[TreeEntry, ...] = (
         "`disk <name>: <done>/<total>` line per disk (push: QEMU's progress; pull: bytes read "
         "through `disks/`); `nbd-read:` bytes fetched from the export (pull); one "
         "`scratch <name>: <bytes>` line per disk, the host disk space its scratch file uses "
-        "(pull); `error:` why it failed (pull: the fleecing snapshot broke, e.g. scratch full). "
+        "while it exists; `guest:` when the guest shut down and QEMU waits for the backup "
+        "(--preserve-shutdown); `error:` why it failed (the fleecing snapshot broke, e.g. "
+        "scratch full or its limit reached; push: the target is full; QEMU is gone). "
         "`vcfs status` and `vcfs wait` read this file.",
         "",
         "EIO: QEMU is gone while a push job runs.",
