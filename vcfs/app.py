@@ -22,6 +22,8 @@ from vcfs.adapters.localsystem import OsSystem
 from vcfs.adapters.nbd import NbdExport
 from vcfs.adapters.qmp import QmpQemu
 from vcfs.adapters.state import StateStore
+from vcfs.adapters.virt.host import LibvirtHost
+from vcfs.domain.api import Backend
 from vcfs.domain.backups.service import CBW_TIMEOUT
 from vcfs.domain.host import Environment, Host
 from vcfs.domain.reader import CACHE_BYTES, BlockCache
@@ -36,6 +38,7 @@ class Config:
     """Everything a mount needs to know."""
 
     host_dir: Path
+    """A directory of QMP sockets; with `libvirt_uri`, that URI as given (for the logs)."""
     mountpoint: Path
     state_dir: Path
     runtime_dir: Path
@@ -43,6 +46,8 @@ class Config:
     cache_images: bool = False
     image_cache: int = CACHE_BYTES
     """Bytes of image data kept in memory at most, every backup view of the mount together."""
+    libvirt_uri: str | None = None
+    """Serve this libvirt connection's domains instead of a directory of QMP sockets."""
     tls_dir: Path | None = None
     cbw_timeout: int = CBW_TIMEOUT
     """Seconds a pull backup's copy-before-write may hold a guest write (`--cbw-timeout`)."""
@@ -87,7 +92,8 @@ async def serve(config: Config, ready: Callable[[], None] = lambda: None) -> Non
         store, codec, config.runtime_dir, scratch_dir, NbdExport, OsSystem(), config.tls_dir,
         BlockCache(config.image_cache), config.cbw_timeout,
     )
-    host = Host(config.host_dir, connect, env)
+    host: Backend = (LibvirtHost(config.libvirt_uri, env) if config.libvirt_uri
+                     else Host(config.host_dir, connect, env))
     mount = FuseMount(
         Tree(host, codec), config.mountpoint, config.fuse_options, config.cache_images
     )
@@ -99,9 +105,10 @@ async def serve(config: Config, ready: Callable[[], None] = lambda: None) -> Non
                 nursery.start_soon(_stop_on_signal, signals, nursery.cancel_scope)
                 await nursery.start(host.run)
                 mount.open()
-                log.info("mounted %s on %s", config.host_dir, config.mountpoint)
+                served = config.libvirt_uri or config.host_dir
+                log.info("mounted %s on %s", served, config.mountpoint)
                 ready()
-                notify.ready(f"serving {config.host_dir} on {config.mountpoint}")
+                notify.ready(f"serving {served} on {config.mountpoint}")
                 await mount.run()
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:

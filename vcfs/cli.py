@@ -55,7 +55,8 @@ def parser() -> argparse.ArgumentParser:
         "it in the background; with -f it serves until unmounted, SIGTERM or SIGINT, and "
         "tells a service manager through $NOTIFY_SOCKET.",
     )
-    m.add_argument("host", type=Path, metavar="HOST",
+    # A string: a libvirt URI as a Path would lose its slashes (launch.is_libvirt_uri).
+    m.add_argument("host", metavar="HOST",
                    help="directory of QMP sockets, NAME.qmp per domain")
     m.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT", help="an empty directory")
     m.add_argument("-f", "--foreground", action="store_true",

@@ -17,9 +17,11 @@ import argparse
 import logging
 import os
 import subprocess
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vcfs import __version__, mountinfo
+from vcfs.errors import VcfsError
 from vcfs.logsetup import setup_logging, stderr_is_journal
 
 if TYPE_CHECKING:
@@ -32,10 +34,17 @@ class StartError(Exception):
     """A start-up problem, reported as one line."""
 
 
+def is_libvirt_uri(host: str) -> bool:
+    """Whether HOST names a libvirt connection (`qemu:///system`, `qemu+ssh://h/system`)
+    rather than a directory of QMP sockets: every libvirt URI has `://`, and no sane socket
+    directory does."""
+    return "://" in host
+
+
 def check_mount_args(args: argparse.Namespace) -> None:
     """Refuse early, with one clear line, what would fail obscurely inside libfuse."""
     try:
-        if not args.host.is_dir():
+        if not is_libvirt_uri(args.host) and not Path(args.host).is_dir():
             raise StartError(f"{args.host}: no such host directory")
         # mountinfo first, not stat: on a dead FUSE mount (its server killed) every stat fails
         # with ENOTCONN, which once ended here in a traceback.
@@ -54,8 +63,11 @@ def mount_config(args: argparse.Namespace) -> Config:
     from vcfs.app import Config
 
     options = [o for group in args.options for o in group.split(",") if o]
+    uri = args.host if is_libvirt_uri(args.host) else None
     return Config(
-        host_dir=args.host.resolve(),
+        # A URI as a Path would lose its slashes (qemu:///system -> qemu:/system).
+        host_dir=Path(args.host) if uri else Path(args.host).resolve(),
+        libvirt_uri=uri,
         mountpoint=args.mountpoint.resolve(),
         state_dir=args.state_dir.resolve(),
         runtime_dir=args.runtime_dir.resolve(),
@@ -69,8 +81,8 @@ def mount_config(args: argparse.Namespace) -> Config:
 
 def _log_start(config: Config) -> None:
     log.info("vcfs %s starting: host %s, mountpoint %s, state %s, runtime %s, options %s",
-             __version__, config.host_dir, config.mountpoint, config.state_dir,
-             config.runtime_dir, ",".join(config.fuse_options) or "-")
+             __version__, config.libvirt_uri or config.host_dir, config.mountpoint,
+             config.state_dir, config.runtime_dir, ",".join(config.fuse_options) or "-")
 
 
 def run_mount(args: argparse.Namespace) -> int:
@@ -84,7 +96,10 @@ def run_mount(args: argparse.Namespace) -> int:
     if args.foreground:
         setup_logging(args.debug, args.log_file)
         _log_start(config)
-        trio.run(serve, config)
+        try:
+            trio.run(serve, config)
+        except VcfsError as e:  # e.g. a libvirt URI nobody answers: one line, as a daemon says
+            raise StartError(f"mount failed: {e}") from None
         return 0
     journal = stderr_is_journal()
     read_fd, write_fd = os.pipe()

@@ -81,7 +81,8 @@ def test_helper_argv_accepts_the_legacy_source_and_several_o_flags():
         "mount", "-o", "ro", "--", "/srv/vms", "/mnt"]
     assert helper_argv(["/srv", "/mnt", "-f"]) == ["mount", "-f", "--", "/srv", "/mnt"]
     # A source that looks like an option after translation stays a source.
-    assert parser().parse_args(helper_argv(["./-x", "/mnt"])).host == Path("./-x")
+    # HOST stays a string (it may be a libvirt URI); mount_config makes a directory a Path.
+    assert parser().parse_args(helper_argv(["./-x", "/mnt"])).host == "./-x"
 
 
 @pytest.mark.parametrize(("argv", "words"), [

@@ -1,0 +1,169 @@
+"""A libvirt connection as the mount's host: every domain of it is a directory.
+
+Domains appear and vanish with libvirt's lifecycle events (each event triggers a rescan at
+once), and a rescan every `SCAN_INTERVAL` catches what an event cannot tell: checkpoints made
+with `virsh`, a connection lost and reopened. Inactive persistent domains are listed too, with
+their checkpoints (what libvirt allows offline, vcfs allows). After a reconnection every domain
+re-reads its checkpoints and adopts the backup libvirt still runs.
+Thread rule: trio tasks only (libvirt's calls go through `Connection`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+import libvirt
+import trio
+
+from vcfs.adapters.virt.backups import LibvirtBackups
+from vcfs.adapters.virt.checkpoints import LibvirtCheckpoints
+from vcfs.adapters.virt.connection import Connection, Event
+from vcfs.domain.errorlog import ErrorLog
+from vcfs.domain.host import Environment
+from vcfs.errors import VcfsError
+
+log = logging.getLogger(__name__)
+
+SCAN_INTERVAL = 2.0
+RECONNECT_INTERVAL = 1.0
+
+
+class LibvirtDomain:
+    """One domain of the connection (the tree's `DomainApi`)."""
+
+    def __init__(self, conn: Connection, name: str, uuid: str, env: Environment,
+                 spawn: Callable[..., None]) -> None:
+        self.name = name
+        self.uuid = uuid
+        self._conn = conn
+        self.created = time.time()
+        self.errors = ErrorLog()
+        self.active = False
+        lock = trio.Lock()
+        """One change at a time per domain: libvirt would make the second wait for its job
+        lock (up to 30 s) where vcfs answers at once."""
+        self.checkpoints = LibvirtCheckpoints(conn, uuid, lock)
+        self.backups = LibvirtBackups(conn, uuid, name, lock, env, spawn, self.report,
+                                      self.checkpoints)
+
+    @property
+    def connected(self) -> bool:
+        return self._conn.alive
+
+    async def xml(self) -> bytes:
+        """libvirt's own `<domain>` document of it (live when it runs)."""
+        xml = await self._conn.on_domain(self.uuid, lambda dom: dom.XMLDesc(0), "domain XML")
+        return str(xml).encode()
+
+    def report(self, path: str, code: str, message: str) -> None:
+        log.warning("domain %s: %s: %s %s", self.name, path, code, message)
+        self.errors.add(path, code, message)
+
+    async def sync(self) -> None:
+        """Re-read checkpoints; adopt (or notice the end of) a backup job."""
+        await self.checkpoints.refresh()
+        await self.backups.adopt()
+
+
+class LibvirtHost:
+    """The domains of one libvirt URI (the mount's `Backend`)."""
+
+    def __init__(self, uri: str, env: Environment) -> None:
+        self.uri = uri
+        self._env = env
+        self._conn = Connection(uri, self._event)
+        self._domains: dict[str, LibvirtDomain] = {}
+        self._lock = trio.Lock()
+        self._wake = trio.Event()
+        self._scanned_at = -1e9
+        self._nursery: trio.Nursery | None = None
+
+    def names(self) -> list[str]:
+        return sorted(self._domains)
+
+    def get(self, name: str) -> LibvirtDomain | None:
+        return self._domains.get(name)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Connect and scan, report ready, then rescan on events and every few seconds."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            await self._conn.open()
+            await self.scan()
+            task_status.started()
+            while True:
+                with trio.move_on_after(SCAN_INTERVAL if self._conn.alive
+                                        else RECONNECT_INTERVAL):
+                    await self._wake.wait()
+                self._wake = trio.Event()
+                await self.scan()
+
+    def _spawn(self, fn: Callable[..., Awaitable[object]], *args: object) -> None:
+        assert self._nursery is not None, "LibvirtHost.run() is not running"
+        self._nursery.start_soon(fn, *args)
+
+    def _event(self, event: Event) -> None:
+        """A domain event from libvirt (in the trio thread): rescan now; hand a finished
+        job to its domain's backups."""
+        kind, uuid, details = event
+        if kind == "job-completed":
+            for dom in self._domains.values():
+                if dom.uuid == uuid:
+                    dom.backups.job_completed(details)
+        self._wake.set()
+
+    async def refresh(self, max_age: float = 0.5) -> None:
+        if trio.current_time() - self._scanned_at > max_age:
+            await self.scan()
+
+    async def scan(self) -> None:
+        """Bring the domains in line with libvirt's list; reconnect first if needed."""
+        async with self._lock:
+            if not self._conn.alive:
+                try:
+                    await self._conn.open()
+                    log.info("%s: reconnected", self.uri)
+                except VcfsError as e:
+                    log.debug("%s: still not connected: %s", self.uri, e)
+                    self._scanned_at = trio.current_time()
+                    return
+            try:
+                found = await self._conn.call(_list_domains, "list domains")
+            except VcfsError as e:
+                log.warning("%s: cannot list domains: %s", self.uri, e)
+                self._scanned_at = trio.current_time()
+                return
+            for name, known in list(self._domains.items()):
+                if name not in found or found[name][0] != known.uuid:
+                    log.info("domain %s: gone", name)
+                    del self._domains[name]
+                    known.backups.domain_gone()
+                    await known.backups.abandon()
+            for name, (uuid, active) in found.items():
+                dom = self._domains.get(name)
+                if dom is None:
+                    dom = LibvirtDomain(self._conn, name, uuid, self._env, self._spawn)
+                    self._domains[name] = dom
+                    log.info("domain %s: found (%s)", name, "running" if active else "inactive")
+                if dom.active and not active:
+                    dom.backups.domain_gone()
+                dom.active = active
+                try:
+                    await dom.sync()
+                except VcfsError as e:
+                    log.warning("domain %s: %s", name, e)
+            self._scanned_at = trio.current_time()
+
+    async def close(self) -> None:
+        """End every backup job vcfs runs, then close the connection."""
+        for dom in self._domains.values():
+            await dom.backups.abandon()
+        self._domains.clear()
+        await self._conn.close()
+
+
+def _list_domains(conn: libvirt.virConnect) -> dict[str, tuple[str, bool]]:
+    """name -> (uuid, running), for every domain of the connection."""
+    return {d.name(): (d.UUIDString(), bool(d.isActive())) for d in conn.listAllDomains(0)}
