@@ -333,18 +333,15 @@ class LibvirtVM:
                                     f'{offset} {length}"'})
 
     def bitmaps(self, target: str) -> dict[str, dict[str, Any]]:
-        """The named dirty bitmaps on the disk's top node, by name (QEMU's own view)."""
-        device = f"/machine/peripheral/{self._alias(target)}/virtio-backend"
-        for blk in self.qmp("query-block"):
-            if blk.get("qdev") == device:
-                node = blk["inserted"]["node-name"]
-                break
-        else:
-            raise KeyError(target)
+        """The named dirty bitmaps on the disk image's format node, by name (QEMU's own view).
+
+        Found by the image's file name: during a pull backup the device's top node is
+        libvirt's fleecing filter, not the node that carries the bitmaps."""
+        image = str(self.image(target))
         for n in self.qmp("query-named-block-nodes", flat=True):
-            if n["node-name"] == node:
+            if n.get("drv") == "qcow2" and n.get("file") == image:
                 return {b["name"]: b for b in n.get("dirty-bitmaps", []) if b.get("name")}
-        raise KeyError(node)
+        raise KeyError(image)
 
     def close(self) -> None:
         """Destroy the domain (if it runs) and drop the connection."""

@@ -1,0 +1,298 @@
+"""vcfs over libvirt: a real libvirtd (tests.libvirtd), real QEMU, a real mount of a libvirt URI.
+
+The same tree as over QMP sockets, served through libvirt's checkpoint and backup API. After
+each operation the tests look at what libvirt and QEMU themselves report (libvirt's API, and
+QEMU's bitmaps through libvirt's monitor pass-through), never only at what vcfs says.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import libvirt
+import pytest
+
+from tests.integration.helpers import errors_of, listing, wait_for, write_errno
+from tests.vm import DiskSpec
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def lv(lv_factory):
+    """`lv1`: qcow2 vda (64 MiB) and vdb (32 MiB), raw vdc (16 MiB)."""
+    return lv_factory("lv1", [DiskSpec("vda", size=64 * MiB), DiskSpec("vdb", size=32 * MiB),
+                              DiskSpec("vdc", fmt="raw", size=16 * MiB)])
+
+
+@pytest.fixture
+def lv_qcow2(lv_factory):
+    """`lv1` with one qcow2 disk, vda (64 MiB)."""
+    return lv_factory("lv1", [DiskSpec("vda", size=64 * MiB)])
+
+
+def mount(vcfs_mount, libvirtd):
+    return vcfs_mount(libvirtd.uri)
+
+
+def expected_image(size: int, writes: list[tuple[int, int, int]]) -> bytes:
+    """The disk after `writes` of (offset, length, pattern) on zeros."""
+    data = bytearray(size)
+    for offset, length, pattern in writes:
+        data[offset:offset + length] = bytes([pattern]) * length
+    return bytes(data)
+
+
+def compare(expected: Path, image: Path) -> subprocess.CompletedProcess[str]:
+    """`qemu-img compare` of a raw file with an image (a qcow2 follows its backing chain)."""
+    fmt = "qcow2" if image.suffix == ".qcow2" else "raw"
+    return subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", fmt, str(expected),
+                           str(image)], capture_output=True, text=True)
+
+
+def job_type(vm) -> int:
+    return vm.dom.jobInfo()[0]
+
+
+# --- the host: domains of a libvirt connection --------------------------------------------------
+
+
+def test_domains_appear_and_vanish_with_libvirt(libvirtd, lv_factory, vcfs_mount, sh):
+    lv1 = lv_factory("lv1", [DiskSpec("vda", size=16 * MiB)])
+    mnt = mount(vcfs_mount, libvirtd)
+    assert listing(mnt.path) == ["lv1"]
+    assert listing(mnt.path / "lv1") == ["backups", "checkpoints", "errors", "xml"]
+    xml = (mnt.path / "lv1/xml").read_text()
+    # libvirt's own live document: its uuid, its device aliases.
+    assert f"<uuid>{lv1.uuid}</uuid>" in xml and "<alias name='virtio-disk0'/>" in xml
+
+    lv2 = lv_factory("lv2", [DiskSpec("vda", size=16 * MiB)])
+    # No listing of the root in between: the lifecycle event makes vcfs rescan.
+    wait_for(lambda: "lv2" in os.listdir(mnt.path), 5, "lv2 to appear")
+    lv2.destroy()  # a transient domain stops existing
+    wait_for(lambda: "lv2" not in os.listdir(mnt.path), 5, "lv2 to vanish")
+    assert listing(mnt.path) == ["lv1"]
+
+
+def test_a_libvirt_uri_that_does_not_answer_fails_the_mount(tmp_path, sh):
+    r = sh(f"{sys.executable} -m vcfs mount -f "
+           f"--state-dir {tmp_path}/s --runtime-dir {tmp_path}/r "
+           f"'qemu:///system?socket={tmp_path}/nothing' {tmp_path}", timeout=60)
+    assert r.returncode != 0
+    assert "nothing" in r.stderr
+
+
+# --- checkpoints ----------------------------------------------------------------------------------
+
+
+def test_checkpoints_through_libvirt(libvirtd, lv, vcfs_mount, sh):
+    mnt = mount(vcfs_mount, libvirtd)
+    cps = mnt.path / "lv1/checkpoints"
+    assert listing(cps) == ["new", "redefine"]
+
+    # mkdir: every disk that can hold a bitmap (not the raw vdc), as libvirt records it.
+    assert sh(f"mkdir {cps}/c1").returncode == 0
+    assert [c.getName() for c in lv.dom.listAllCheckpoints()] == ["c1"]
+    assert set(lv.bitmaps("vda")) == {"c1"} and set(lv.bitmaps("vdb")) == {"c1"}
+    assert lv.bitmaps("vda")["c1"]["persistent"] and lv.bitmaps("vda")["c1"]["recording"]
+    xml = (cps / "c1/xml").read_text()
+    assert "<disk name='vdc' checkpoint='no'/>" in xml and f"<uuid>{lv.uuid}</uuid>" in xml
+    assert os.readlink(cps / "current") == "c1"
+    assert not (cps / "c1/parent").exists()
+
+    lv.write("vda", 0, MiB, 0xAB)
+    assert sh(f"mkdir {cps}/c2").returncode == 0
+    lv.write("vdb", 0, 64 << 10, 0x11)
+    assert os.readlink(cps / "c2/parent") == "../c1"
+    assert os.readlink(cps / "current") == "c2"
+    assert (cps / "c1/size").read_text() == f"vda {MiB}\nvdb {64 << 10}\n"
+    assert (cps / "c2/size").read_text() == f"vda 0\nvdb {64 << 10}\n"
+
+    # new: the document as given.
+    doc = ("<domaincheckpoint><name>c3</name><description>weekly</description>"
+           "<disks><disk name='vdb'/><disk name='vda' checkpoint='no'/>"
+           "<disk name='vdc' checkpoint='no'/></disks></domaincheckpoint>")
+    assert write_errno(cps / "new", doc.encode()) == 0
+    assert "c3" in lv.bitmaps("vdb") and "c3" not in lv.bitmaps("vda")
+    assert lv.dom.checkpointLookupByName("c3").getParent().getName() == "c2"
+    assert "<description>weekly</description>" in (cps / "c3/xml").read_text()
+
+    # redefine: metadata only, for bitmaps that exist (validated).
+    saved = lv.dom.checkpointLookupByName("c3").getXMLDesc(0)
+    assert write_errno(cps / "c3/delete", b"metadata-only\n") == 0
+    assert "c3" not in listing(cps) and "c3" in lv.bitmaps("vdb")
+    assert write_errno(cps / "redefine", saved.encode()) == 0
+    assert "c3" in listing(cps)
+    assert sorted(c.getName() for c in lv.dom.listAllCheckpoints()) == ["c1", "c2", "c3"]
+
+    # rmdir: libvirt deletes the bitmaps; children re-parent.
+    assert sh(f"rmdir {cps}/c2").returncode == 0
+    assert "c2" not in lv.bitmaps("vda")
+    assert os.readlink(cps / "c3/parent") == "../c1"
+    assert os.readlink(cps / "current") == "c3"
+    assert write_errno(cps / "c1/delete", b"children\n") == 0
+    assert listing(cps) == ["new", "redefine"]
+    assert lv.bitmaps("vda") == {} and lv.bitmaps("vdb") == {}
+    assert lv.dom.listAllCheckpoints() == []
+
+
+@pytest.mark.parametrize(("doc", "code", "words"), [
+    ("<domaincheckpoint><name>x</nam></domaincheckpoint>", errno.EINVAL, "mismatch"),
+    ("<domaincheckpoint><nam>x</nam></domaincheckpoint>", errno.EINVAL, "schema"),
+    ("<domaincheckpoint><name>x</name><disks><disk name='vdz'/></disks></domaincheckpoint>",
+     errno.ENOENT, "no disk named 'vdz'"),
+    # libvirt's default is every disk: the raw vdc cannot hold a bitmap.
+    ("<domaincheckpoint><name>x</name></domaincheckpoint>", errno.EOPNOTSUPP,
+     "unsupported for storage type raw"),
+    ("<domaincheckpoint><name>new</name></domaincheckpoint>", errno.EINVAL, "reserved"),
+])
+def test_refused_checkpoints_carry_libvirts_message(libvirtd, lv, vcfs_mount, doc, code, words):
+    mnt = mount(vcfs_mount, libvirtd)
+    cps = mnt.path / "lv1/checkpoints"
+    assert write_errno(cps / "new", doc.encode()) == code
+    last = errors_of(mnt.path / "lv1")[-1]
+    assert "checkpoints/new" in last and words in last, last
+    assert lv.dom.listAllCheckpoints() == [] and lv.bitmaps("vda") == {}
+
+
+def test_checkpoint_refusals_for_existing_and_broken(libvirtd, lv, vcfs_mount, sh):
+    mnt = mount(vcfs_mount, libvirtd)
+    cps = mnt.path / "lv1/checkpoints"
+    assert sh(f"mkdir {cps}/c1").returncode == 0
+    doc = (b"<domaincheckpoint><name>c1</name><disks><disk name='vda'/>"
+           b"<disk name='vdb' checkpoint='no'/><disk name='vdc' checkpoint='no'/></disks>"
+           b"</domaincheckpoint>")
+    assert write_errno(cps / "new", doc) == errno.EEXIST
+    assert "already exists" in errors_of(mnt.path / "lv1")[-1]
+    # Redefine validates: a checkpoint whose bitmap does not exist is refused.
+    bogus = lv.dom.checkpointLookupByName("c1").getXMLDesc(0).replace("c1", "cx")
+    assert write_errno(cps / "redefine", bogus.encode()) == errno.EINVAL
+    assert "missing or broken bitmap 'cx'" in errors_of(mnt.path / "lv1")[-1]
+    assert write_errno(cps / "c1/delete", b"sideways\n") == errno.EINVAL
+    assert [c.getName() for c in lv.dom.listAllCheckpoints()] == ["c1"]
+
+
+# --- backups ------------------------------------------------------------------------------------
+
+
+def test_full_and_incremental_pull_read_back_equal(libvirtd, lv_qcow2, vcfs_mount, sh, tmp_path):
+    lv = lv_qcow2
+    mnt = mount(vcfs_mount, libvirtd)
+    backups = mnt.path / "lv1/backups"
+    size = 64 * MiB
+    writes = [(0, MiB, 0x11), (5 * MiB, 3 * MiB, 0x22), (40 * MiB, 64 << 10, 0x33)]
+    for w in writes:
+        lv.write("vda", *w)
+
+    # Monday: a full pull backup creating checkpoint `mon`, in one backupBegin.
+    doc = ("<domainbackup mode='pull'><domaincheckpoint><name>mon</name></domaincheckpoint>"
+           "</domainbackup>")
+    assert write_errno(backups / "new", doc.encode()) == 0
+    assert os.readlink(backups / "latest") == "1"
+    assert [c.getName() for c in lv.dom.listAllCheckpoints()] == ["mon"]
+    lv.write("vda", 0, 64 << 10, 0xEE)  # after the backup began: not in Monday's image
+    xml = (backups / "1/xml").read_text()
+    sock = str(mnt.runtime_dir / "lv1-1.sock")
+    assert f"<server transport='unix' socket='{sock}'/>" in xml
+    assert "backupmode='full'" in xml and "exportname='vda'" in xml
+    assert listing(backups / "1/disks") == ["vda", "vda.map", "vda.qcow2", "vda.qcow2.sha256",
+                                            "vda.sha256"]
+    store = tmp_path / "store"
+    store.mkdir()
+    r = sh(f"cp {backups}/1/disks/vda.qcow2 {store}/vda-mon.qcow2 && "
+           f"cp {backups}/1/disks/vda {store}/mon.raw")
+    assert r.returncode == 0, r.stderr
+    (tmp_path / "mon.expected").write_bytes(expected_image(size, writes))
+    assert compare(tmp_path / "mon.expected", store / "vda-mon.qcow2").returncode == 0
+    assert compare(tmp_path / "mon.expected", store / "mon.raw").returncode == 0
+    status = (backups / "1/status").read_text()
+    assert status.startswith("state: running\nmode: pull\ndisk vda: ")
+    done = int(status.split("disk vda: ")[1].split("/")[0])
+    assert 4 * MiB <= done <= size  # the data read by the two copies (cp skips the holes)
+    assert sh(f"rmdir {backups}/1").returncode == 0
+    assert job_type(lv) == libvirt.VIR_DOMAIN_JOB_NONE
+    assert not os.path.exists(sock)
+    assert listing(backups) == ["new"]
+
+    # Tuesday: what changed since `mon`, saved beside Monday's image, restores as a chain.
+    later = [(0, 64 << 10, 0xEE), (10 * MiB, 2 * MiB, 0x44), (63 * MiB, MiB, 0x55)]
+    for w in later[1:]:
+        lv.write("vda", *w)
+    doc = ("<domainbackup mode='pull'><incremental>mon</incremental><domaincheckpoint>"
+           "<name>tue</name></domaincheckpoint></domainbackup>")
+    assert write_errno(backups / "new", doc.encode()) == 0
+    assert os.readlink(backups / "latest") == "2"
+    lv.write("vda", 20 * MiB, MiB, 0x66)  # after `new`
+    xml = (backups / "2/xml").read_text()
+    assert "backupmode='incremental' incremental='mon'" in xml
+    r = sh(f"cp {backups}/2/disks/vda.qcow2 {store}/vda-tue.qcow2")
+    assert r.returncode == 0, r.stderr
+    # Only the changed clusters (3 MiB + 64 KiB) are in the incremental image.
+    assert os.path.getsize(store / "vda-tue.qcow2") < 4 * MiB
+    info = sh(f"qemu-img info --output=json {store}/vda-tue.qcow2").stdout
+    assert '"backing-filename": "vda-mon.qcow2"' in info
+    (tmp_path / "tue.expected").write_bytes(expected_image(size, writes + later))
+    assert compare(tmp_path / "tue.expected", store / "vda-tue.qcow2").returncode == 0
+    assert os.readlink(mnt.path / "lv1/checkpoints/tue/parent") == "../mon"
+    assert os.readlink(mnt.path / "lv1/checkpoints/current") == "tue"
+    assert set(lv.bitmaps("vda")) >= {"mon", "tue"}
+    assert sh(f"rmdir {backups}/2").returncode == 0
+    assert job_type(lv) == libvirt.VIR_DOMAIN_JOB_NONE
+    # libvirt removed the scratch files vcfs named for it.
+    assert os.listdir(mnt.state_dir / "scratch") == []
+
+
+def test_mkdir_pull_backup_and_second_backup_is_ebusy_at_once(libvirtd, lv, vcfs_mount, sh):
+    mnt = mount(vcfs_mount, libvirtd)
+    backups = mnt.path / "lv1/backups"
+    assert sh(f"mkdir {backups}/full").returncode == 0
+    assert job_type(lv) != libvirt.VIR_DOMAIN_JOB_NONE
+    # Every disk, the raw one too (a full backup needs no bitmap).
+    assert listing(backups / "full/disks") == sorted(
+        f"{d}{s}" for d in ("vda", "vdb", "vdc")
+        for s in ("", ".map", ".qcow2", ".qcow2.sha256", ".sha256"))
+    started = time.monotonic()
+    assert write_errno(backups / "new", b"<domainbackup mode='pull'/>") == errno.EBUSY
+    assert sh(f"mkdir {backups}/other").returncode != 0
+    assert time.monotonic() - started < 5  # libvirt alone would wait 30 s per attempt
+    assert "already running" in errors_of(mnt.path / "lv1")[-1]
+    assert listing(backups) == ["full", "latest", "new"]
+    assert sh(f"rmdir {backups}/full").returncode == 0
+    assert job_type(lv) == libvirt.VIR_DOMAIN_JOB_NONE
+
+
+def test_refused_backups_change_nothing(libvirtd, lv, vcfs_mount, sh):
+    mnt = mount(vcfs_mount, libvirtd)
+    backups = mnt.path / "lv1/backups"
+    cases = [
+        (b"<domainbackup mode='pull'><incremental>nope</incremental></domainbackup>",
+         errno.ENOENT, "not found"),
+        (b"<domainbackup mode='pull'><disks></domainbackup>", errno.EINVAL, "malformed"),
+        (b"<domainbackup mode='pull'><disks><disk name='vda'><scratch file='/etc/passwd'/>"
+         b"</disk></disks></domainbackup>", errno.EEXIST, "exists"),
+    ]
+    for doc, code, words in cases:
+        assert write_errno(backups / "new", doc) == code, doc
+        assert words in errors_of(mnt.path / "lv1")[-1], doc
+        assert job_type(lv) == libvirt.VIR_DOMAIN_JOB_NONE
+    assert listing(backups) == ["new"]
+    assert os.listdir(mnt.runtime_dir) == []
+
+
+def test_a_backup_ended_outside_vcfs_fails_its_readers(libvirtd, lv_qcow2, vcfs_mount, sh):
+    lv = lv_qcow2
+    mnt = mount(vcfs_mount, libvirtd)
+    backups = mnt.path / "lv1/backups"
+    assert sh(f"mkdir {backups}/b").returncode == 0
+    lv.dom.abortJob()  # virsh domjobabort: libvirt's job-completed event follows
+    wait_for(lambda: "state: running" not in (backups / "b/status").read_text(), 5,
+             "the job to end")
+    with pytest.raises(OSError) as e:
+        (backups / "b/disks/vda").read_bytes()
+    assert e.value.errno == errno.EIO
+    assert sh(f"rmdir {backups}/b").returncode == 0
