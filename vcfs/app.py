@@ -50,7 +50,13 @@ class Config:
     """Serve this libvirt connection's domains instead of a directory of QMP sockets."""
     tls_dir: Path | None = None
     cbw_timeout: int = CBW_TIMEOUT
-    """Seconds a pull backup's copy-before-write may hold a guest write (`--cbw-timeout`)."""
+    """Seconds a backup's copy-before-write may hold a guest write (`--cbw-timeout`)."""
+    scratch_dir: Path | None = None
+    """Default: `state_dir/scratch`."""
+    scratch_limit: int | None = None
+    """Bytes of scratch one disk of a backup may use (`--scratch-limit`)."""
+    preserve_shutdown: bool = False
+    """A guest shutting down during a backup pauses instead (`--preserve-shutdown`)."""
 
 
 M_ARENA_MAX = -8
@@ -81,8 +87,8 @@ async def serve(config: Config, ready: Callable[[], None] = lambda: None) -> Non
     os.chmod(config.runtime_dir, 0o700)  # NBD sockets live here
     bridge = AsyncioBridge()
     store = StateStore(config.state_dir)
-    scratch_dir = config.state_dir / "scratch"
-    scratch_dir.mkdir(exist_ok=True, mode=0o700)
+    scratch_dir = config.scratch_dir or config.state_dir / "scratch"
+    scratch_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     codec = XmlCodec()
 
     async def connect(path: Path) -> QmpQemu:
@@ -90,7 +96,8 @@ async def serve(config: Config, ready: Callable[[], None] = lambda: None) -> Non
 
     env = Environment(
         store, codec, config.runtime_dir, scratch_dir, NbdExport, OsSystem(), config.tls_dir,
-        BlockCache(config.image_cache), config.cbw_timeout,
+        BlockCache(config.image_cache), config.cbw_timeout, config.scratch_limit,
+        config.preserve_shutdown,
     )
     host: Backend = (LibvirtHost(config.libvirt_uri, env) if config.libvirt_uri
                      else Host(config.host_dir, connect, env))

@@ -84,6 +84,17 @@ def parser() -> argparse.ArgumentParser:
                    help="longest a pull backup's copy-before-write may hold one guest write "
                    "(default 5); past it, or when the scratch is full or fails, the backup "
                    "fails and the guest's write goes on")
+    m.add_argument("--scratch-dir", type=Path, metavar="DIR",
+                   help="where backups keep the guest's overwritten data while they run "
+                   "(default STATE_DIR/scratch); a <scratch file=...> in a pull backup's XML "
+                   "overrides it for one disk")
+    m.add_argument("--scratch-limit", type=_scratch_mebibytes, metavar="MIB",
+                   help="most scratch one disk of a backup may use; past it the backup fails "
+                   "and the guest's writes go on (default: no limit but the file system's)")
+    m.add_argument("--preserve-shutdown", action="store_true",
+                   help="a guest that shuts down while a backup runs is paused instead of "
+                   "exiting, so the backup can be read to the end; removing the last backup "
+                   "completes the shutdown (libvirt's PRESERVE_SHUTDOWN_DOMAIN)")
     m.add_argument("--log-file", type=Path, metavar="FILE",
                    help="log here too; in the background the only log, unless stderr is the "
                    "journal")
@@ -140,6 +151,18 @@ def _mebibytes(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a whole number of MiB: {text!r}") from None
     if value < 16:
         raise argparse.ArgumentTypeError(f"at least 16 MiB (four blocks), not {value}")
+    return value
+
+
+def _scratch_mebibytes(text: str) -> int:
+    """A scratch limit in MiB, at least 1 (argparse type): a qcow2 scratch's own metadata
+    takes a few hundred KiB."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number of MiB: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"at least 1 MiB, not {value}")
     return value
 
 

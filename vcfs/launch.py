@@ -75,6 +75,9 @@ def mount_config(args: argparse.Namespace) -> Config:
         cache_images=args.cache_images,
         image_cache=args.image_cache << 20,
         cbw_timeout=args.cbw_timeout,
+        scratch_dir=args.scratch_dir.resolve() if args.scratch_dir else None,
+        scratch_limit=args.scratch_limit << 20 if args.scratch_limit else None,
+        preserve_shutdown=args.preserve_shutdown,
         tls_dir=args.tls_x509_dir.resolve() if args.tls_x509_dir else None,
     )
 

@@ -21,9 +21,11 @@ MOUNT_ONLY_OPTIONS = frozenset(MOUNT_ONLY)
 MOUNT_ONLY_PREFIXES = ("x-", "X-", "comment=")
 VALUE_OPTIONS = {"state_dir": "--state-dir", "runtime_dir": "--runtime-dir",
                  "log_file": "--log-file", "tls_x509_dir": "--tls-x509-dir",
-                 "image_cache": "--image-cache", "cbw_timeout": "--cbw-timeout"}
+                 "image_cache": "--image-cache", "cbw_timeout": "--cbw-timeout",
+                 "scratch_dir": "--scratch-dir", "scratch_limit": "--scratch-limit"}
 """vcfs's own `key=value` options and the `vcfs mount` flag each becomes."""
-FLAG_OPTIONS = {"cache_images": "--cache-images", "debug": "--debug"}
+FLAG_OPTIONS = {"cache_images": "--cache-images", "debug": "--debug",
+                "preserve_shutdown": "--preserve-shutdown"}
 """vcfs's own options without a value."""
 
 

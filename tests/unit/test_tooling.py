@@ -62,6 +62,22 @@ def test_helper_argv_drops_mount_options_and_translates_vcfs_ones():
     assert (str(args.state_dir), args.options) == ("/var/lib/x", ["allow_other,ro,noexec,nosuid"])
 
 
+def test_scratch_and_shutdown_options_are_mount_and_fstab_options():
+    from vcfs.launch import mount_config
+
+    argv = helper_argv(["/srv/vms", "/mnt/vms", "-o",
+                        "scratch_dir=/big/scratch,scratch_limit=512,preserve_shutdown"])
+    config = mount_config(parser().parse_args(argv))
+    assert (config.scratch_dir, config.scratch_limit, config.preserve_shutdown) == (
+        Path("/big/scratch"), 512 << 20, True)
+    config = mount_config(parser().parse_args(["mount", "/a", "/b"]))
+    assert (config.scratch_dir, config.scratch_limit, config.preserve_shutdown) == (
+        None, None, False)
+    for bad in ("0", "-1", "1.5", "x"):
+        with pytest.raises(SystemExit):
+            parser().parse_args(["mount", "--scratch-limit", bad, "/a", "/b"])
+
+
 def test_cbw_timeout_is_a_mount_option_and_an_fstab_option(tmp_path):
     from vcfs.domain.backups.service import CBW_TIMEOUT
     from vcfs.launch import mount_config
