@@ -99,6 +99,64 @@ def reads_fail_with_eio(job: Path) -> None:
         assert e.value.errno == errno.EIO
 
 
+# ---- full scratch ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["full", "incremental"])
+def test_a_full_scratch_breaks_the_backup_never_the_guest(vm_factory, vcfs_mount, tiny_fs, mode):
+    """libvirt's fleecing (blockdev-backup sync=none) fails the guest's write when the scratch
+    is full; vcfs's copy-before-write filter (on-cbw-error=break-snapshot) fails the backup."""
+    vm = qcow2_only(vm_factory)
+    mnt = vcfs_mount(vm.host_dir)
+    dom = mnt.path / "vm1"
+    nodes_before = sorted(n["node-name"] for n in vm.block_nodes())
+    vm.write("vda", 0, 64 * MiB, 0x11)
+    inc = ""
+    if mode == "incremental":
+        os.mkdir(dom / "checkpoints/mon")
+        vm.write("vda", 0, 32 * MiB, 0x12)
+        inc = "<incremental>mon</incremental>"
+    scratch = tiny_fs / "vda.qcow2"
+    job = dom / "backups" / begin(
+        dom / "backups", f"<domainbackup mode='pull'>{inc}<disks><disk name='vda'>"
+        f"<scratch file='{scratch}'/></disk><disk name='vdb' backup='no'/></disks>"
+        "</domainbackup>")
+    assert status_of(job)["state"] == "running"
+    started = time.monotonic()
+    vm.write("vda", 0, 64 * MiB, 0x22)  # 64 MiB of old data to copy into 16 MiB: cannot fit
+    took = time.monotonic() - started
+    # The guest's write succeeded, all of it, and QEMU logged no failed write.
+    assert vm.has_pattern("vda", 0, 64 * MiB, 0x22)
+    assert "write failed" not in vm.log_text() and "No space" not in vm.log_text()
+    assert took < 5, took
+    # The backup is broken: status says so and why, errors has one line, reads fail with EIO.
+    st = status_of(job)
+    assert st["state"] == "failed", st
+    assert st["error"].startswith("disk vda: fleecing snapshot broken: scratch full at "), st
+    assert int(st["scratch vda"]) > 8 * MiB, st  # what the filter copied before it broke
+    lines = [line for line in errors_of(dom) if f"backups/{job.name} FAILED" in line]
+    assert len(lines) == 1, errors_of(dom)
+    for name in ("vda", "vda.qcow2"):
+        with pytest.raises(OSError) as e:
+            with open(job / "disks" / name, "rb") as f:
+                f.read(MiB)
+        assert e.value.errno == errno.EIO
+    time.sleep(1.2)  # the watcher keeps quiet after the first report
+    assert len([line for line in errors_of(dom) if f"backups/{job.name} FAILED" in line]) == 1
+    # rmdir cleans up as for any other backup.
+    os.rmdir(job)
+    assert idle(vm) == IDLE
+    assert sorted(n["node-name"] for n in vm.block_nodes()) == nodes_before
+    assert listing(tiny_fs) == [] and listing(mnt.state_dir / "scratch") == []
+    assert listing(mnt.state_dir / "domains/vm1/intents") == []
+    assert vm.qmp("query-status")["status"] == "running"
+    # and the next backup works
+    os.mkdir(dom / "backups/again")
+    with open(dom / "backups/again/disks/vda", "rb") as f:
+        assert f.read(MiB) == b"\x22" * MiB
+    os.rmdir(dom / "backups/again")
+
+
 # ---- scratch limit --------------------------------------------------------------------------
 
 

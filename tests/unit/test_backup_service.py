@@ -228,6 +228,23 @@ def test_a_broken_snapshot_shows_in_status_within_a_second():
     run(test, threshold=0.05)
 
 
+def test_exports_that_fail_because_qemu_exited_are_no_broken_snapshot():
+    """QEMU exiting closes its exports before vcfs's scan notices: the watcher must not call
+    that a broken snapshot (the scan fails the job saying QEMU is gone)."""
+
+    async def test(w: World) -> None:
+        await w.backups.begin_default("b")
+        w.qemu.exports.clear()  # every probe now fails ...
+        w.qemu.closed = True  # ... because QEMU is gone
+        await trio.sleep(1)
+        job = w.backups.require("b")
+        assert job.state == "running" and errors(w) == []
+        w.dom.backups.qemu_gone()
+        assert job.state == "failed" and (job.error or "").startswith("QEMU is gone")
+
+    run(test, threshold=0.05)
+
+
 def test_the_cbw_timeout_of_the_mount_reaches_every_filter():
     async def test(w: World) -> None:
         await w.backups.begin_default("b")

@@ -233,6 +233,10 @@ class PullWatcher:
             error = await self._probe(i)
             if error is None or self._stopped or job.state != RUNNING or job.ending:
                 continue
+            if not await self._qemu_answers():
+                # QEMU exited (the host's scan fails the job saying so) or hangs: an export
+                # that does not answer then proves nothing about the snapshot.
+                continue
             cause = pull_failure(self._ctx.system, d, error, self._limits)
             reason = f"disk {d.target}: {cause}"
             log.warning("domain %s: backup %s failed: %s", self._ctx.name, job.id, reason)
@@ -241,6 +245,14 @@ class PullWatcher:
             self._stopped = True
             self._close()
             return
+
+    async def _qemu_answers(self) -> bool:
+        try:
+            with trio.fail_after(PROBE_TIMEOUT):
+                await self._ctx.qemu.export_ids()
+        except (VcfsError, trio.TooSlowError):
+            return False
+        return True
 
     async def _probe(self, i: int) -> str | None:
         """None if the export answers a block-status request, else QEMU's error."""
