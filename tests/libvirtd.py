@@ -298,6 +298,11 @@ class LibvirtVM:
         assert self._dom is not None, "not started"
         return self._dom
 
+    def reconnect(self) -> None:
+        """A new connection to the daemon (after `Libvirtd.restart`)."""
+        self.conn = self.daemon.connect()
+        self._dom = self.conn.lookupByUUIDString(self.uuid)
+
     def destroy(self) -> None:
         """Stop QEMU at once (a transient domain vanishes from libvirt)."""
         try:

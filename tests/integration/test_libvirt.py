@@ -296,3 +296,54 @@ def test_a_backup_ended_outside_vcfs_fails_its_readers(libvirtd, lv_qcow2, vcfs_
         (backups / "b/disks/vda").read_bytes()
     assert e.value.errno == errno.EIO
     assert sh(f"rmdir {backups}/b").returncode == 0
+
+
+# --- libvirtd restarts, inactive domains ------------------------------------------------------
+
+
+def test_libvirtd_restart_during_a_pull_backup(libvirtd, lv_qcow2, vcfs_mount, sh, tmp_path):
+    lv = lv_qcow2
+    lv.write("vda", 0, MiB, 0x5A)
+    mnt = mount(vcfs_mount, libvirtd)
+    backups = mnt.path / "lv1/backups"
+    assert sh(f"mkdir {backups}/b").returncode == 0
+    lv.write("vda", 0, MiB, 0xA5)  # after the backup began
+
+    libvirtd.restart()
+    # vcfs notices (keepalive or a failed call), reconnects, and finds the job libvirt kept.
+    lv.reconnect()
+    assert job_type(lv) != libvirt.VIR_DOMAIN_JOB_NONE
+    wait_for(lambda: "reconnected" in mnt.log_text(), 30, "vcfs to reconnect")
+    assert listing(backups) == ["b", "latest", "new"]
+    data = (backups / "b/disks/vda").read_bytes()
+    assert data[:MiB] == b"\x5a" * MiB and data[MiB:] == bytes(len(data) - MiB)
+    assert (backups / "b/status").read_text().startswith("state: running\n")
+    # And ends through the new connection.
+    assert sh(f"rmdir {backups}/b").returncode == 0
+    assert job_type(lv) == libvirt.VIR_DOMAIN_JOB_NONE
+    assert sh(f"mkdir {mnt.path}/lv1/checkpoints/after").returncode == 0
+
+
+def test_a_stopped_persistent_domain_keeps_its_checkpoints(libvirtd, lv_factory, vcfs_mount,
+                                                            sh):
+    lv = lv_factory("lv1", [DiskSpec("vda", size=16 * MiB)], persistent=True)
+    mnt = mount(vcfs_mount, libvirtd)
+    cps = mnt.path / "lv1/checkpoints"
+    assert sh(f"mkdir {cps}/c1").returncode == 0
+    lv.dom.destroy()
+    assert listing(mnt.path) == ["lv1"]
+    assert listing(cps) == ["c1", "current", "new", "redefine"]
+    assert "<name>c1</name>" in (cps / "c1/xml").read_text()
+    assert (cps / "c1/size").read_text() == ""  # libvirt measures only a running domain
+    # What libvirt refuses offline, vcfs refuses (libvirt's "domain is not running").
+    assert write_errno(mnt.path / "lv1/backups/new", b"<domainbackup mode='pull'/>") == errno.EIO
+    assert "not running" in errors_of(mnt.path / "lv1")[-1]
+    # libvirt 9.0 deletes a checkpoint's bitmaps only from a running domain.
+    r = sh(f"rmdir {cps}/c1")
+    assert r.returncode != 0 and "Operation not supported" in r.stderr
+    assert "cannot delete checkpoint for inactive domain" in errors_of(mnt.path / "lv1")[-1]
+    assert [c.getName() for c in lv.dom.listAllCheckpoints()] == ["c1"]
+    lv.dom.create()  # started again: the checkpoint's bitmap is still in the image
+    wait_for(lambda: "c1" in lv.bitmaps("vda"), 10, "the domain to run")
+    assert sh(f"rmdir {cps}/c1").returncode == 0
+    assert lv.dom.listAllCheckpoints() == [] and lv.bitmaps("vda") == {}
