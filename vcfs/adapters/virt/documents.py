@@ -35,6 +35,9 @@ def parse(data: bytes, what: str) -> etree._Element:
         raise InvalidInput(f"malformed {what} XML: {e}") from None
     if root is None:
         raise InvalidInput(f"empty {what} document")
+    if root.getroottree().docinfo.doctype:
+        # Entities stay unresolved, and libvirt would get references it cannot resolve.
+        raise InvalidInput(f"a {what} document must not have a DOCTYPE")
     return root
 
 
