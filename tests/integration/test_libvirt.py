@@ -347,3 +347,28 @@ def test_a_stopped_persistent_domain_keeps_its_checkpoints(libvirtd, lv_factory,
     wait_for(lambda: "c1" in lv.bitmaps("vda"), 10, "the domain to run")
     assert sh(f"rmdir {cps}/c1").returncode == 0
     assert lv.dom.listAllCheckpoints() == [] and lv.bitmaps("vda") == {}
+
+
+def test_push_backup_completes_and_vcfs_wait_says_so(libvirtd, lv_qcow2, vcfs_mount, sh,
+                                                      tmp_path):
+    lv = lv_qcow2
+    writes = [(MiB, 2 * MiB, 0x77)]
+    lv.write("vda", *writes[0])
+    mnt = mount(vcfs_mount, libvirtd)
+    backups = mnt.path / "lv1/backups"
+    target = tmp_path / "push-vda.qcow2"
+    doc = (f"<domainbackup mode='push'><disks><disk name='vda' type='file'>"
+           f"<driver type='qcow2'/><target file='{target}'/></disk></disks></domainbackup>")
+    assert write_errno(backups / "new", doc.encode()) == 0
+    r = sh(f"{sys.executable} -m vcfs wait {backups}/1", timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    status = (backups / "1/status").read_text()
+    assert status.startswith("state: completed\nmode: push\n")
+    assert f"disk vda: {64 * MiB}/{64 * MiB}" in status
+    assert listing(backups / "1/disks") == []  # a push job's disks are not views
+    (tmp_path / "expected").write_bytes(expected_image(64 * MiB, writes))
+    assert compare(tmp_path / "expected", target).returncode == 0
+    # A finished push job does not block the next backup; rmdir keeps the target.
+    assert sh(f"mkdir {backups}/2").returncode == 0
+    assert sh(f"rmdir {backups}/1 {backups}/2").returncode == 0
+    assert target.exists()

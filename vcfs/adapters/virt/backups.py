@@ -179,13 +179,19 @@ class LibvirtBackups:
             self._finished(job, completed)
 
     def job_completed(self, params: dict[str, Any]) -> None:
-        """libvirt's job-completed event for this domain."""
+        """libvirt's job-completed event for this domain: ask how the job ended.
+
+        libvirt 9.0's event says `success` but not whether a failed job was cancelled; the
+        completed job's statistics say (`type`)."""
         job = next((j for j in self._jobs.values() if j.state == RUNNING), None)
         if job is not None and params.get("operation") == libvirt.VIR_DOMAIN_JOB_OPERATION_BACKUP:
-            self._finished(job, params)
+            self._spawn(self._poll, job)
 
     def _finished(self, job: LibvirtJob, params: dict[str, Any]) -> None:
-        state = _END_STATES.get(params.get("type", -1), FAILED)
+        if "type" in params:
+            state = _END_STATES.get(params["type"], FAILED)
+        else:
+            state = COMPLETED if params.get("success") else FAILED
         if job.state != RUNNING:
             return
         job.state = state
