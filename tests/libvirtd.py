@@ -67,10 +67,14 @@ class Libvirtd:
     The base is made under /tmp with a short name: unix socket paths must stay under 108 bytes.
     """
 
-    def __init__(self, tcp_port: int | None = None) -> None:
+    def __init__(self, tcp_port: int | None = None, backup_tls_dir: Path | None = None) -> None:
         self.base = Path(tempfile.mkdtemp(prefix="lvd", dir="/tmp"))
         self.tcp_port = tcp_port
         """When set, libvirtd also listens (no authentication) on 127.0.0.1:tcp_port."""
+        self.backup_tls_dir = backup_tls_dir
+        """When set, QEMU's NBD servers of backups with `tls='yes'` use these x509
+        credentials (ca-cert.pem, server-cert.pem, server-key.pem) and require a client
+        certificate."""
         self.proc: subprocess.Popen[bytes] | None = None
         for d in (*_LIBVIRT_DIRS, "sock"):
             (self.base / d).mkdir(mode=0o700)
@@ -107,13 +111,15 @@ class Libvirtd:
                      'listen_addr = "127.0.0.1"', 'auth_tcp = "none"']
         (etc / "libvirtd.conf").write_text("\n".join(conf) + "\n")
         (etc / "virtlogd.conf").write_text(f'log_outputs = "3:file:{self.base}/virtlogd.log"\n')
+        tls = (f'backup_tls_x509_cert_dir = "{self.backup_tls_dir}"\n'
+               "backup_tls_x509_verify = 1\n") if self.backup_tls_dir else ""
         (etc / "qemu.conf").write_text(
             'security_driver = "none"\n'
             "dynamic_ownership = 0\n"
             'user = "root"\n'
             'group = "root"\n'
             "cgroup_controllers = [ ]\n"
-            'stdio_handler = "logd"\n'
+            'stdio_handler = "logd"\n' + tls
         )
         passwd = Path("/etc/passwd").read_text()
         group = Path("/etc/group").read_text()

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import errno
 import os
+import re
+import socket
 import subprocess
 import sys
 import time
@@ -18,6 +20,8 @@ import libvirt
 import pytest
 
 from tests.integration.helpers import errors_of, listing, wait_for, write_errno
+from tests.integration.test_tls import make_certificates
+from tests.libvirtd import Libvirtd, LibvirtVM
 from tests.vm import DiskSpec
 
 MiB = 1 << 20
@@ -372,3 +376,42 @@ def test_push_backup_completes_and_vcfs_wait_says_so(libvirtd, lv_qcow2, vcfs_mo
     assert sh(f"mkdir {backups}/2").returncode == 0
     assert sh(f"rmdir {backups}/1 {backups}/2").returncode == 0
     assert target.exists()
+
+
+# --- a remote URI ---------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_remote_uri_over_tcp_with_the_export_over_tls(lv_factory, vcfs_mount, sh, tmp_path):
+    """A libvirtd listening on loopback TCP only, served as a remote host: the pull export
+    must be reached over TCP (a unix socket would be on the hypervisor), with TLS."""
+    certs = tmp_path / "pki"
+    make_certificates(certs)
+    daemon = Libvirtd(tcp_port=free_port(), backup_tls_dir=certs)
+    daemon.start()
+    try:
+        lv = LibvirtVM(daemon, "rv1", tmp_path / "rv", [DiskSpec("vda", size=16 * MiB)])
+        lv.start()
+        lv.write("vda", 2 * MiB, MiB, 0x3C)
+        mnt = vcfs_mount(daemon.tcp_uri, "--tls-x509-dir", str(certs))
+        assert listing(mnt.path) == ["rv1"]
+        backups = mnt.path / "rv1/backups"
+        assert sh(f"mkdir {backups}/b").returncode == 0
+        xml = (backups / "b/xml").read_text()
+        assert "<server transport='tcp' tls='yes' name='127.0.0.1' port=" in xml, xml
+        data = (backups / "b/disks/vda").read_bytes()
+        assert data == expected_image(16 * MiB, [(2 * MiB, MiB, 0x3C)])
+        # The export is TLS only: a plain NBD client is refused.
+        port = re.search(r" port='(\d+)'", xml).group(1)
+        r = sh(f"nbdinfo --size nbd://127.0.0.1:{port}/vda", timeout=30)
+        assert r.returncode != 0 and "TLS" in r.stderr, r.stderr
+        assert sh(f"rmdir {backups}/b").returncode == 0
+        assert lv.dom.jobInfo()[0] == libvirt.VIR_DOMAIN_JOB_NONE
+        lv.close()
+    finally:
+        daemon.stop()

@@ -28,12 +28,15 @@ DOMAIN = """<domain type='kvm'><name>lv1</name><devices>
 </devices></domain>"""
 
 
+SERVER = {"transport": "unix", "socket": "/run/vcfs/lv1-1.sock"}
+
+
 def disks() -> list[documents.DomainDisk]:
     return documents.domain_disks(DOMAIN)
 
 
 def request(data: bytes | None) -> tuple[documents.BackupRequest, etree._Element]:
-    req = documents.backup_request(data, disks(), "/run/vcfs/lv1-1.sock",
+    req = documents.backup_request(data, disks(), SERVER,
                                    lambda t: f"/scratch/{t}.qcow2", lambda host: 10809)
     return req, etree.fromstring(req.backup_xml)
 
@@ -82,6 +85,11 @@ def test_what_the_user_chose_is_kept():
                         b"</disks></domainbackup>")
     assert root.find("server").attrib == {"name": "10.0.0.1", "port": "10809"}  # a free port
     assert [s.get("file") for s in root.iter("scratch")] == ["/mine.qcow2"]
+    remote = documents.backup_request(b"<domainbackup mode='pull'/>", disks(),
+                                      {"transport": "tcp", "name": "hv1", "tls": "yes"},
+                                      lambda t: f"/s/{t}", lambda host: 10810)
+    assert etree.fromstring(remote.backup_xml).find("server").attrib == {
+        "transport": "tcp", "name": "hv1", "tls": "yes", "port": "10810"}
     push, root = request(b"<domainbackup><disks><disk name='vda' type='file'>"
                          b"<target file='/t.qcow2'/></disk></disks></domainbackup>")
     assert push.mode == "push"  # libvirt's default mode

@@ -102,8 +102,12 @@ class LibvirtBackups:
         spawn: Callable[..., None],
         report: Callable[[str, str, str], None],
         checkpoints: LibvirtCheckpoints,
+        remote_host: str | None = None,
     ) -> None:
         self._conn = conn
+        self._remote_host = remote_host
+        """The hypervisor's host name when the URI is remote: exports must be reached over
+        TCP there (a unix socket would be on the hypervisor, not here)."""
         self._uuid = uuid
         self._name = name
         self._lock = lock
@@ -232,6 +236,11 @@ class LibvirtBackups:
         if running is not None:
             raise Busy(f"backup '{running.id}' is already running on domain {self._name}")
         socket = str(self._env.runtime_dir / f"{self._name}-{job_id}.sock")
+        server = {"transport": "unix", "socket": socket}
+        if self._remote_host is not None:
+            server = {"transport": "tcp", "name": self._remote_host}
+            if self._env.tls_dir is not None:  # `--tls-x509-dir`: the export wants TLS too
+                server["tls"] = "yes"
         scratch_dir = self._env.scratch_dir
         serial = int(time.time())
 
@@ -245,7 +254,7 @@ class LibvirtBackups:
             if dom.jobInfo()[0] != libvirt.VIR_DOMAIN_JOB_NONE:
                 raise _Busy()
             disks = documents.domain_disks(dom.XMLDesc(0))
-            request = documents.backup_request(document, disks, socket, scratch_file,
+            request = documents.backup_request(document, disks, server, scratch_file,
                                                self._env.system.free_tcp_port)
             dom.backupBegin(request.backup_xml, request.checkpoint_xml, 0)
             try:
@@ -263,7 +272,7 @@ class LibvirtBackups:
         except _Busy:
             raise Busy(f"a job is already running on domain {self._name} (libvirt)") from None
         job = self._job(job_id, xml, request.mode, sizes, request.checkpoint,
-                        socket if request.mode == PULL else None)
+                        socket if request.mode == PULL and "socket" in server else None)
         if request.checkpoint is not None:
             self._checkpoints.created(request.checkpoint)
         try:

@@ -140,12 +140,13 @@ class BackupRequest:
 def backup_request(
     data: bytes | None,
     disks: list[DomainDisk],
-    socket: str,
+    server: dict[str, str],
     scratch: Callable[[str], str],
     free_port: Callable[[str], int],
 ) -> BackupRequest:
     """A user's `<domainbackup>` (None: `mkdir`, a full pull backup) with vcfs's defaults.
 
+    `server` holds the attributes of the `<server>` a pull backup gets when it names none,
     `scratch(target)` names a new scratch file for a disk, `free_port(host)` a TCP port.
     """
     root = parse(data, "backup") if data is not None else etree.Element("domainbackup",
@@ -160,14 +161,12 @@ def backup_request(
         checkpoint = checkpoint_name(checkpoint_xml.encode())
     mode = root.get("mode", "push")  # libvirt's default
     if mode == "pull":
-        server = root.find("server")
-        if server is None:
-            server = etree.SubElement(root, "server")
-            server.set("transport", "unix")
-            server.set("socket", socket)
-        elif server.get("transport", "tcp") == "tcp" and not server.get("port"):
+        el = root.find("server")
+        if el is None:
+            el = etree.SubElement(root, "server", **server)
+        if el.get("transport", "tcp") == "tcp" and not el.get("port"):
             # libvirt 9.0 demands a port; the contract gives TCP without one a free port.
-            server.set("port", str(free_port(server.get("name") or "localhost")))
+            el.set("port", str(free_port(el.get("name") or "localhost")))
         listed = root.find("disks")
         if listed is None:
             listed = etree.SubElement(root, "disks")

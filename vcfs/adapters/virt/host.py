@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from urllib.parse import urlsplit
 
 import libvirt
 import trio
@@ -34,7 +35,7 @@ class LibvirtDomain:
     """One domain of the connection (the tree's `DomainApi`)."""
 
     def __init__(self, conn: Connection, name: str, uuid: str, env: Environment,
-                 spawn: Callable[..., None]) -> None:
+                 spawn: Callable[..., None], remote_host: str | None = None) -> None:
         self.name = name
         self.uuid = uuid
         self._conn = conn
@@ -46,7 +47,7 @@ class LibvirtDomain:
         lock (up to 30 s) where vcfs answers at once."""
         self.checkpoints = LibvirtCheckpoints(conn, uuid, lock)
         self.backups = LibvirtBackups(conn, uuid, name, lock, env, spawn, self.report,
-                                      self.checkpoints)
+                                      self.checkpoints, remote_host)
 
     @property
     def connected(self) -> bool:
@@ -73,6 +74,8 @@ class LibvirtHost:
     def __init__(self, uri: str, env: Environment) -> None:
         self.uri = uri
         self._env = env
+        self._remote_host = urlsplit(uri).hostname
+        """None for a local URI (`qemu:///system`)."""
         self._conn = Connection(uri, self._event)
         self._domains: dict[str, LibvirtDomain] = {}
         self._lock = trio.Lock()
@@ -144,7 +147,8 @@ class LibvirtHost:
             for name, (uuid, active) in found.items():
                 dom = self._domains.get(name)
                 if dom is None:
-                    dom = LibvirtDomain(self._conn, name, uuid, self._env, self._spawn)
+                    dom = LibvirtDomain(self._conn, name, uuid, self._env, self._spawn,
+                                        self._remote_host)
                     self._domains[name] = dom
                     log.info("domain %s: found (%s)", name, "running" if active else "inactive")
                 if dom.active and not active:
