@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -158,17 +159,27 @@ def vm_factory(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Calla
             print(f"\n----- QEMU log of {vm.name} -----\n{vm.log_text()}")
 
 
+BACKENDS = ("qmp", "libvirt")
+"""`@pytest.mark.parametrize("vm", BACKENDS, indirect=True)` runs a test over both backends."""
+
+
 @pytest.fixture
-def vm(vm_factory: Callable[..., VM]) -> VM:
-    """A running `vm1` with disks vda (qcow2 64 MiB), vdb (qcow2 32 MiB) and vdc (raw 16 MiB)."""
-    return vm_factory(
-        "vm1",
-        [
-            DiskSpec("vda", size=64 << 20),
-            DiskSpec("vdb", size=32 << 20),
-            DiskSpec("vdc", fmt="raw", size=16 << 20),
-        ],
-    )
+def vm(vm_factory: Callable[..., VM], request: pytest.FixtureRequest) -> Any:
+    """A running `vm1` with disks vda (qcow2 64 MiB), vdb (qcow2 32 MiB) and vdc (raw 16 MiB).
+
+    A QEMU of its own behind a QMP socket (`tests.vm.VM`), or, where a test is parametrized
+    with "libvirt" for `vm` (indirectly), a transient domain of the tests' private libvirtd
+    (`tests.libvirtd.LibvirtVM`). Both have `host_dir` (what vcfs mounts), `write`, `bitmaps`
+    and `image`; tests parametrized so use only those.
+    """
+    disks = [
+        DiskSpec("vda", size=64 << 20),
+        DiskSpec("vdb", size=32 << 20),
+        DiskSpec("vdc", fmt="raw", size=16 << 20),
+    ]
+    if getattr(request, "param", "qmp") == "libvirt":
+        return request.getfixturevalue("lv_factory")("vm1", disks)
+    return vm_factory("vm1", disks)
 
 
 # --- vcfs mounts -------------------------------------------------------------------------------

@@ -249,6 +249,11 @@ class LibvirtVM:
         self.conn = daemon.connect()
         self._dom: libvirt.virDomain | None = None
 
+    @property
+    def host_dir(self) -> str:
+        """What vcfs mounts to serve this domain (as `tests.vm.VM.host_dir`): the daemon's URI."""
+        return self.daemon.uri
+
     def image(self, target: str) -> Path:
         """The image file of the disk `target`."""
         spec = next(d for d in self.disks if d.target == target)
