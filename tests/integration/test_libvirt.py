@@ -8,6 +8,7 @@ QEMU's bitmaps through libvirt's monitor pass-through), never only at what vcfs 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import socket
@@ -234,6 +235,17 @@ def test_full_and_incremental_pull_read_back_equal(libvirtd, lv_qcow2, vcfs_moun
     lv.write("vda", 20 * MiB, MiB, 0x66)  # after `new`
     xml = (backups / "2/xml").read_text()
     assert "backupmode='incremental' incremental='mon'" in xml
+    # The map flags exactly what changed since `mon` (libvirt's export bitmap).
+    dirty = [(e["start"], e["length"]) for e in json.loads((backups / "2/disks/vda.map")
+                                                          .read_text()) if e["dirty"]]
+    assert dirty == [(0, 64 << 10), (10 * MiB, 2 * MiB), (63 * MiB, MiB)]
+    # The raw view's holes are where the disk holds no data, for SEEK_DATA/SEEK_HOLE.
+    fd = os.open(backups / "2/disks/vda", os.O_RDONLY)
+    try:
+        assert os.lseek(fd, 0, os.SEEK_HOLE) == MiB
+        assert os.lseek(fd, MiB, os.SEEK_DATA) == 5 * MiB
+    finally:
+        os.close(fd)
     r = sh(f"cp {backups}/2/disks/vda.qcow2 {store}/vda-tue.qcow2")
     assert r.returncode == 0, r.stderr
     # Only the changed clusters (3 MiB + 64 KiB) are in the incremental image.
@@ -415,3 +427,46 @@ def test_remote_uri_over_tcp_with_the_export_over_tls(lv_factory, vcfs_mount, sh
         lv.close()
     finally:
         daemon.stop()
+
+
+# --- the scripts on top ---------------------------------------------------------------------------
+
+
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
+
+
+def test_backup_and_restore_scripts_over_libvirt(libvirtd, lv_factory, vcfs_mount, sh,
+                                                 tmp_path):
+    lv = lv_factory("lv1", [DiskSpec("vda", size=16 * MiB), DiskSpec("vdb", size=8 * MiB)])
+    mnt = mount(vcfs_mount, libvirtd)
+    dest = tmp_path / "store"
+    writes: dict[str, list[tuple[int, int, int]]] = {"vda": [], "vdb": []}
+    expected: dict[str, dict[str, bytes]] = {}
+    names = []
+    for round_, kind in enumerate(("full", "incremental", "incremental")):
+        for disk, size in (("vda", 16 * MiB), ("vdb", 8 * MiB)):
+            w = (round_ * 3 * MiB % size, 512 << 10, 0x20 + round_)
+            lv.write(disk, *w)
+            writes[disk].append(w)
+        snapshot = {d: expected_image(s, writes[d]) for d, s in (("vda", 16 * MiB),
+                                                                  ("vdb", 8 * MiB))}
+        if names:
+            time.sleep(1.1)  # restore points are named by UTC second
+        r = sh(f"{SCRIPTS}/vcfs-backup {mnt.path} lv1 {dest}", timeout=120)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert r.stdout.startswith(f"{kind} backup "), r.stdout
+        name = r.stdout.split()[2]
+        names.append(name)
+        expected[name] = snapshot
+    assert (dest / "chain").read_text().split() == names
+    # The scripts ended their backups and kept only the last checkpoint, through libvirt.
+    assert listing(mnt.path / "lv1/backups") == ["new"]
+    assert [c.getName() for c in lv.dom.listAllCheckpoints()] == [names[-1]]
+    for name in names:
+        for disk in ("vda", "vdb"):
+            out = tmp_path / f"{disk}-{name}.raw"
+            r = sh(f"{SCRIPTS}/vcfs-restore {dest} {disk} {name} {out} raw", timeout=120)
+            assert r.returncode == 0, r.stdout + r.stderr
+            assert out.read_bytes() == expected[name][disk], (disk, name)
+    r = sh(f"{sys.executable} -m vcfs status {mnt.path}")
+    assert r.returncode == 0 and "lv1" in r.stdout, r.stdout + r.stderr
