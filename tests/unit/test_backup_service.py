@@ -402,6 +402,8 @@ def test_push_completes_keeps_its_target_and_releases_the_rest():
         assert [b.name for b in w.qemu.nodes[d.fleece_node].bitmaps] == ["backup-vda"]
         assert w.qemu.drives == {d.disk.qdev: d.cbw_node}
         assert w.qemu.jobs_[d.job_id].device == d.access_node
+        (backup,) = [a for a in w.qemu.transactions[-1] if isinstance(a, BlockdevBackup)]
+        assert backup.workers == 16  # QEMU's 64 would take every I/O thread of the VM
         assert (await w.backups.status(job_id)).startswith(b"state: running\nmode: push\n")
         w.qemu.conclude(d.job_id)
         await settle()

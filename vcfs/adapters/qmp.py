@@ -93,6 +93,8 @@ def action_json(action: Action) -> dict[str, Any]:
         }
         if action.bitmap:
             data["bitmap"] = action.bitmap
+        if action.workers:
+            data["x-perf"] = {"max-workers": action.workers}
         return {"type": "blockdev-backup", "data": data}
     raise TypeError(f"unknown action {action!r}")
 

@@ -52,6 +52,8 @@ class BlockdevBackup:
     sync: str
     """`none` (pull: fleecing), `full` or `incremental` (push)."""
     bitmap: str | None = None
+    workers: int | None = None
+    """Copies in flight at most (QEMU's default: 64)."""
 
 
 Action = AddBitmap | RemoveBitmap | MergeBitmaps | BlockdevBackup

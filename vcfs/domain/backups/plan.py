@@ -301,17 +301,28 @@ def transaction(job: BackupJob, checkpoint: list[AddBitmap]) -> list[Action]:
     return actions
 
 
+JOB_WORKERS = 16
+"""Copies a push job keeps in flight, all its disks together. QEMU's file I/O goes through
+one pool of 64 threads per VM, the guest's included; a block job copies with 64 workers by
+default, so a job whose target stalls (a hung NFS server, a frozen file system) took every
+thread and held the guest's writes with them (measured: over 10 s with the target's file
+system frozen; 0.1 s with 60 workers). Copying a 1 GiB disk into a local file took the same
+time with 8, 16 and 64 workers (measured)."""
+
+
 def block_jobs(job: BackupJob) -> list[Action]:
     """Push: each disk's block job, copying the point in time from its snapshot-access node
     into its target; an incremental job by a copy of the merged bitmap on that node (where
     QEMU looks for it), which goes with the node."""
     actions: list[Action] = []
+    workers = max(2, JOB_WORKERS // len(job.disks))
     for d in job.disks:
         if d.temp_bitmap:
             actions += _merge_actions(d, d.access_node, d.temp_bitmap,
                                       ((d.scratch_node, d.temp_bitmap),))
         actions.append(BlockdevBackup(d.access_node, d.job_id, d.store_node,
-                                      INCREMENTAL if d.temp_bitmap else FULL, d.temp_bitmap))
+                                      INCREMENTAL if d.temp_bitmap else FULL, d.temp_bitmap,
+                                      workers))
     return actions
 
 
