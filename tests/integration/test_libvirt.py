@@ -11,6 +11,7 @@ import errno
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -399,6 +400,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.skipif(shutil.which("openssl") is None,
+                    reason="openssl is needed to make the test certificates")
 def test_remote_uri_over_tcp_with_the_export_over_tls(lv_factory, vcfs_mount, sh, tmp_path):
     """A libvirtd listening on loopback TCP only, served as a remote host: the pull export
     must be reached over TCP (a unix socket would be on the hypervisor), with TLS."""
@@ -470,3 +473,26 @@ def test_backup_and_restore_scripts_over_libvirt(libvirtd, lv_factory, vcfs_moun
             assert out.read_bytes() == expected[name][disk], (disk, name)
     r = sh(f"{sys.executable} -m vcfs status {mnt.path}")
     assert r.returncode == 0 and "lv1" in r.stdout, r.stdout + r.stderr
+
+
+def test_a_pull_backup_running_when_vcfs_was_killed_reappears(libvirtd, lv_qcow2, vcfs_mount,
+                                                               sh):
+    lv = lv_qcow2
+    lv.write("vda", 3 * MiB, MiB, 0x42)
+    mnt = mount(vcfs_mount, libvirtd)
+    backups = mnt.path / "lv1/backups"
+    doc = b"<domainbackup mode='pull'><domaincheckpoint><name>k</name></domaincheckpoint>" \
+          b"</domainbackup>"
+    assert write_errno(backups / "new", doc) == 0
+    os.kill(mnt.proc.pid, 9)
+    wait_for(lambda: mnt.returncode is not None, what="vcfs to die")
+    subprocess.run(["fusermount3", "-uz", str(mnt.path)], capture_output=True)
+    lv.write("vda", 3 * MiB, MiB, 0x43)  # after the backup began
+    mnt.start()
+    # libvirt still runs the job: vcfs shows it again, says so, and it reads as before.
+    assert listing(backups) == ["1", "latest", "new"]
+    assert "adopted the pull backup libvirt runs as backup 1" in errors_of(mnt.path / "lv1")[-1]
+    data = (backups / "1/disks/vda").read_bytes()
+    assert data == expected_image(64 * MiB, [(3 * MiB, MiB, 0x42)])
+    assert sh(f"rmdir {backups}/1").returncode == 0
+    assert job_type(lv) == libvirt.VIR_DOMAIN_JOB_NONE

@@ -84,6 +84,7 @@ class LibvirtJob:
     started: float = field(default_factory=time.time)
 
     def close_views(self) -> None:
+        """End all reading of the job's disks: readers get EIO from now on."""
         for d in self.disks:
             if d.views is not None:
                 d.views.close()
