@@ -118,11 +118,16 @@ class LibvirtHost:
         self._wake.set()
 
     async def refresh(self, max_age: float = 0.5) -> None:
+        """The tree's rescan (a listing of the root): the list of domains only, one call;
+        the periodic scan re-reads what the domains hold."""
         if trio.current_time() - self._scanned_at > max_age:
-            await self.scan()
+            await self.scan(full=False)
 
-    async def scan(self) -> None:
-        """Bring the domains in line with libvirt's list; reconnect first if needed."""
+    async def scan(self, full: bool = True) -> None:
+        """Bring the domains in line with libvirt's list; reconnect first if needed.
+
+        New domains read their checkpoints and backup at once; with `full`, every domain
+        does (concurrently: a fleet's hypervisor has many)."""
         async with self._lock:
             if not self._conn.alive:
                 try:
@@ -144,21 +149,32 @@ class LibvirtHost:
                     del self._domains[name]
                     known.backups.domain_gone()
                     await known.backups.abandon()
+            todo = []
             for name, (uuid, active) in found.items():
                 dom = self._domains.get(name)
                 if dom is None:
                     dom = LibvirtDomain(self._conn, name, uuid, self._env, self._spawn,
                                         self._remote_host)
-                    self._domains[name] = dom
                     log.info("domain %s: found (%s)", name, "running" if active else "inactive")
+                    todo.append(dom)
+                elif full:
+                    todo.append(dom)
                 if dom.active and not active:
                     dom.backups.domain_gone()
                 dom.active = active
-                try:
-                    await dom.sync()
-                except VcfsError as e:
-                    log.warning("domain %s: %s", name, e)
+            async with trio.open_nursery() as nursery:
+                for dom in todo:
+                    nursery.start_soon(self._sync, dom)
+            for dom in todo:  # shown once they know their checkpoints
+                self._domains.setdefault(dom.name, dom)
             self._scanned_at = trio.current_time()
+
+    @staticmethod
+    async def _sync(dom: LibvirtDomain) -> None:
+        try:
+            await dom.sync()
+        except VcfsError as e:
+            log.warning("domain %s: %s", dom.name, e)
 
     async def close(self) -> None:
         """End every backup job vcfs runs, then close the connection."""
