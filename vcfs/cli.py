@@ -49,15 +49,18 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     m = sub.add_parser(
-        "mount", help="mount a host directory of QMP sockets",
-        description="Mount HOST, a directory of QMP sockets (NAME.qmp per domain), on "
-        "MOUNTPOINT. Without -f, the command returns once the mount is ready and vcfs serves "
-        "it in the background; with -f it serves until unmounted, SIGTERM or SIGINT, and "
-        "tells a service manager through $NOTIFY_SOCKET.",
+        "mount", help="mount a host: a directory of QMP sockets or a libvirt URI",
+        description="Mount HOST on MOUNTPOINT: a directory of QMP sockets (NAME.qmp per "
+        "domain), or a libvirt connection URI (qemu:///system, qemu+ssh://HOST/system), whose "
+        "domains are served through libvirt's checkpoint and backup API. Without -f, the "
+        "command returns once the mount is ready and vcfs serves it in the background; "
+        "with -f it serves until unmounted, SIGTERM or SIGINT, and tells a service manager "
+        "through $NOTIFY_SOCKET.",
     )
     # A string: a libvirt URI as a Path would lose its slashes (launch.is_libvirt_uri).
     m.add_argument("host", metavar="HOST",
-                   help="directory of QMP sockets, NAME.qmp per domain")
+                   help="directory of QMP sockets, NAME.qmp per domain; or a libvirt "
+                   "connection URI (anything with ://)")
     m.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT", help="an empty directory")
     m.add_argument("-f", "--foreground", action="store_true",
                    help="stay in the foreground and log to stderr")
