@@ -161,7 +161,7 @@ class Connection:
                 return await trio.to_thread.run_sync(lambda: fn(conn), abandon_on_cancel=True,
                                                      limiter=self._limiter)
         except trio.TooSlowError:
-            raise BackendError(f"libvirt did not answer {what} in {timeout:.0f} s") from None
+            raise BackendError(f"libvirt did not answer {what} in {timeout:g} s") from None
         except libvirt.libvirtError as e:
             if is_connection_lost(e):
                 self._lost(conn)
