@@ -105,6 +105,14 @@ class LibvirtCheckpoints:
             self._known_current = False
             self._current = self._newest_leaf()
 
+    async def resync(self) -> None:
+        """The periodic re-read, unless a change is under way: a list read before that change
+        and stored after it would hide its checkpoint until the next scan."""
+        if self._lock.locked():
+            return
+        async with self._lock:
+            await self.refresh()
+
     def _newest_leaf(self) -> str | None:
         parents = {c.parent for c in self._entries.values()}
         leaves = [c for n, c in self._entries.items() if n not in parents]

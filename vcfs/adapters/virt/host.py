@@ -64,7 +64,7 @@ class LibvirtDomain:
 
     async def sync(self) -> None:
         """Re-read checkpoints; adopt (or notice the end of) a backup job."""
-        await self.checkpoints.refresh()
+        await self.checkpoints.resync()
         await self.backups.adopt()
 
 
