@@ -295,13 +295,17 @@ def test_refused_backups_change_nothing(libvirtd, lv, vcfs_mount, sh):
         (b"<domainbackup mode='pull'><disks></domainbackup>", errno.EINVAL, "malformed"),
         (b"<domainbackup mode='pull'><disks><disk name='vda'><scratch file='/etc/passwd'/>"
          b"</disk></disks></domainbackup>", errno.EEXIST, "exists"),
+        # One call: the checkpoint libvirt refuses (a raw disk) takes the backup with it.
+        (b"<domainbackup mode='pull'><domaincheckpoint><name>x</name></domaincheckpoint>"
+         b"</domainbackup>", errno.EOPNOTSUPP, "storage type raw"),
     ]
     for doc, code, words in cases:
         assert write_errno(backups / "new", doc) == code, doc
         assert words in errors_of(mnt.path / "lv1")[-1], doc
         assert job_type(lv) == libvirt.VIR_DOMAIN_JOB_NONE
+        assert lv.dom.listAllCheckpoints() == [] and lv.bitmaps("vda") == {}
     assert listing(backups) == ["new"]
-    assert os.listdir(mnt.runtime_dir) == []
+    assert os.listdir(mnt.runtime_dir) == [] and os.listdir(mnt.state_dir / "scratch") == []
 
 
 def test_a_backup_ended_outside_vcfs_fails_its_readers(libvirtd, lv_qcow2, vcfs_mount, sh):
