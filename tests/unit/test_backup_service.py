@@ -15,6 +15,7 @@ import trio.testing
 from tests.unit.fakes import FakeQemu, FakeStore, disk, environment, make_domain
 from vcfs.domain import faults
 from vcfs.domain.backups import service as service_module
+from vcfs.domain.backups import start as start_module
 from vcfs.domain.backups.job import BackupJob
 from vcfs.domain.host import Domain
 from vcfs.domain.model import Bitmap
@@ -87,6 +88,7 @@ class World:
                 raise Crash(point)
 
         monkeypatch.setattr(service_module, "fault_point", fault_point)
+        monkeypatch.setattr(start_module, "fault_point", fault_point)
 
     async def restart(self) -> None:
         """A new vcfs over what the dead one left (the snapshot)."""

@@ -10,6 +10,7 @@ Thread rule: trio tasks only.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,9 +18,12 @@ from typing import Any
 import trio
 
 from vcfs.domain.model import BackupDef, Disk, DomainInfo
-from vcfs.domain.ports import BlockJob, Codec, NbdAddress
+from vcfs.domain.ports import BlockJob, CheckpointStore, Codec, NbdAddress
 from vcfs.domain.status import CANCELLED, COMPLETED, FAILED, RUNNING
 from vcfs.domain.views import DiskViews
+from vcfs.errors import VcfsError
+
+log = logging.getLogger(__name__)
 
 STARTING, STARTED = "starting", "started"
 """Phases of a record: `started` once a begin fully succeeded. Only a started push job may keep
@@ -217,6 +221,14 @@ class BackupJob:
             r["checkpoint"], r.get("tls_object"), tuple(r.get("checkpoint_disks", ())),
             phase=r["phase"], paused=bool(r.get("paused")),
         )
+
+
+def forget_record(store: CheckpointStore, domain: str, job: BackupJob) -> None:
+    """Drop the job's intent record: it is over or undone. A store that fails is logged."""
+    try:
+        store.drop_intent(domain, job.record_key)
+    except VcfsError as e:
+        log.warning("domain %s: backup %s: %s", domain, job.id, e)
 
 
 def record_key(job_id: str) -> str:

@@ -1,13 +1,12 @@
 """The backup jobs of one domain: begin, read, end, abandon, and recover after a crash.
 
 A thin service over the other modules of the package: `plan` decides what a request means and
-which steps begin it, this module runs the steps (recording the job's intent first and
-registering each piece as it is made), `release` undoes them on failure and at the end,
-`watcher` follows push jobs. Nothing is left half-made: no node, export, bitmap, job, file or
-checkpoint metadata.
+which steps begin it, `start` runs the steps (recording the job's intent first and registering
+each piece as it is made), `release` undoes them on failure and at the end, `watcher` follows
+push jobs and pull jobs' snapshots. Nothing is left half-made: no node, export, bitmap, job,
+file or checkpoint metadata. This module keeps the jobs, adopts what a crash left, and keeps a
+guest that shuts down during a backup (`--preserve-shutdown`).
 The service reaches QEMU through a `DomainContext` and the checkpoint service it is given.
-Over 400 lines since the pull fleecing's break checks joined it: they are the next piece to
-move out, into a task class of their own beside `watcher`.
 Thread rule: trio tasks only; mutations hold the domain lock.
 """
 
@@ -15,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import trio
@@ -23,48 +22,31 @@ import trio
 from vcfs.domain.backups.job import (
     CHECKPOINT_BITMAPS,
     FLEECE_FILE,
-    SERVER,
     STARTED,
     STORE_FILE,
-    SWITCH,
     BackupJob,
     Piece,
+    forget_record,
 )
 from vcfs.domain.backups.plan import (
-    ADD_ACCESS_NODE,
-    ADD_CBW_NODE,
-    ADD_EXPORT,
-    ADD_FLEECE_NODE,
-    ADD_STATUS_EXPORT,
-    ADD_STORE_NODE,
-    ADD_TLS,
-    COMMIT,
-    CREATE_FLEECE,
-    CREATE_STORE,
-    START_JOBS,
-    START_SERVER,
-    TRANSACTION,
     Facts,
-    Step,
-    block_jobs,
     pieces,
     plan_job,
-    steps,
-    transaction,
 )
 from vcfs.domain.backups.release import release
+from vcfs.domain.backups.start import Starter, qemu_call
 from vcfs.domain.backups.watcher import PullWatcher, PushWatcher, ScratchLimits
 from vcfs.domain.checkpoints import CheckpointService, PreparedCheckpoint
 from vcfs.domain.context import DomainContext
 from vcfs.domain.faults import fault_point
 from vcfs.domain.model import PULL, PUSH, BackupDef, CheckpointDef, DomainInfo
 from vcfs.domain.names import check_checkpoint_name, check_job_name
-from vcfs.domain.ports import Action, BlockJob, CheckpointStore, Codec, Export, NbdAddress
+from vcfs.domain.ports import BlockJob, CheckpointStore, Codec, Export, NbdAddress
 from vcfs.domain.reader import BlockCache, ExportSource
 from vcfs.domain.status import COMPLETED, RUNNING, DiskProgress, JobStatus
 from vcfs.domain.status import render as render_status
 from vcfs.domain.views import DiskViews
-from vcfs.errors import AlreadyExists, BackendError, Busy, NotFound, QmpCommandError, VcfsError
+from vcfs.errors import AlreadyExists, Busy, NotFound, VcfsError
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +88,7 @@ class BackupService:
         self._cbw_timeout = cbw_timeout
         self._scratch_limit = scratch_limit
         self._limits = ScratchLimits(cbw_timeout, scratch_limit)
+        self._starter = Starter(ctx, checkpoints, store, codec, tls_dir, self._limits)
         self._preserve_shutdown = preserve_shutdown
         self._checkpoints = checkpoints
         self._cache = cache or BlockCache()
@@ -228,8 +211,8 @@ class BackupService:
         try:
             if self._preserve_shutdown:
                 # Before the point in time: a guest shutting down from then on stays.
-                await _call(self._ctx.qemu.preserve_shutdown(True))
-            await self._start(job, prepared, info)
+                await qemu_call(self._ctx.qemu.preserve_shutdown(True))
+            await self._starter.start(job, prepared, info)
         except BaseException:
             with trio.CancelScope(shield=True):
                 await self._settle_shutdown()
@@ -242,130 +225,6 @@ class BackupService:
     def _checkpoint_def(self, name: str) -> CheckpointDef | None:
         cp = self._checkpoints.get(name)
         return cp.definition if cp else None
-
-    async def _start(
-        self, job: BackupJob, prepared: PreparedCheckpoint | None, info: DomainInfo
-    ) -> None:
-        """Record the intent, then run the plan's steps, registering each piece as it is made;
-        any failure releases every piece made so far."""
-        self._store.put_intent(self._ctx.name, job.record_key, job.to_record(self._codec))
-        try:
-            for step in steps(job):
-                if step.point:
-                    fault_point(step.point)
-                await self._run_step(step, job, prepared)
-                job.made.update(step.makes)
-        except BaseException:
-            await release(self._ctx, job, info)
-            self._forget_record(job)
-            raise
-        job.phase = STARTED
-        job.paused = False
-        self._store.put_intent(self._ctx.name, job.record_key, job.to_record(self._codec))
-
-    async def _run_step(
-        self, step: Step, job: BackupJob, prepared: PreparedCheckpoint | None
-    ) -> None:
-        qemu = self._ctx.qemu
-        d = job.disk(step.target) if step.target else None
-        if step.action == CREATE_STORE:
-            assert d is not None
-            # Pull: the scratch overlay gets the live disk's node as its backing when its format
-            # node is added (fleecing); a qcow2 incremental push target names the disk's file.
-            base = ((d.disk.source, d.disk.driver) if d.incremental and d.driver == "qcow2"
-                    else None)
-            await _call(qemu.create_image(
-                d.store_path, d.file_node, d.driver, d.disk.size, d.disk.cluster_size,
-                backing=base if job.mode != PULL else None,
-            ))
-        elif step.action == ADD_STORE_NODE:
-            assert d is not None
-            # Pull: the scratch overlays the disk, for the status export (see `plan`); the
-            # snapshot-access node reads only what the filter copied from it.
-            if job.mode == PULL:  # the store is the scratch
-                await _call(qemu.add_format_node(d.store_node, d.file_node, d.driver,
-                                                 d.disk.node, self._scratch_limit))
-            else:
-                await _call(qemu.add_format_node(d.store_node, d.file_node, d.driver))
-        elif step.action == CREATE_FLEECE:
-            assert d is not None
-            await _call(qemu.create_image(d.fleece_path, d.fleece_file_node, "qcow2",
-                                          d.disk.size, d.disk.cluster_size))
-        elif step.action == ADD_FLEECE_NODE:
-            assert d is not None
-            await _call(qemu.add_format_node(d.fleece_node, d.fleece_file_node, "qcow2",
-                                             d.disk.node, self._scratch_limit))
-        elif step.action == ADD_CBW_NODE:
-            assert d is not None
-            # The filter copies nothing until the device writes through it (TRANSACTION).
-            await _call(qemu.add_cbw_node(d.cbw_node, d.disk.node, d.scratch_node,
-                                          self._cbw_timeout))
-        elif step.action == ADD_TLS:
-            assert job.tls_object and self._tls_dir
-            await _call(qemu.tls_creds_add(job.tls_object, str(self._tls_dir)))
-        elif step.action == START_SERVER:
-            assert job.address
-            await _call(qemu.nbd_server_start(job.address, job.tls_object))
-            job.made.add(Piece(SERVER))  # made even if the chmod below fails
-            if job.socket:
-                # QEMU creates the socket with its own umask: only the owner may read backups.
-                self._ctx.system.restrict(job.socket)
-        elif step.action == TRANSACTION:
-            actions = transaction(job, prepared.actions if prepared else [])
-            try:
-                await self._fleece(job, actions)
-            finally:
-                self._ctx.invalidate()
-        elif step.action == ADD_ACCESS_NODE:
-            assert d is not None
-            await _call(qemu.add_snapshot_access_node(d.access_node, d.cbw_node))
-        elif step.action == ADD_EXPORT:
-            assert d is not None and d.export_id and d.export_name
-            # The temporary merged bitmap lives on the scratch node, not below the exported
-            # snapshot-access node: name its node (the context stays qemu:dirty-bitmap:NAME).
-            await _call(qemu.export_add(d.export_id, d.access_node, d.export_name,
-                                        d.export_bitmap,
-                                        d.store_node if d.export_bitmap else None))
-        elif step.action == ADD_STATUS_EXPORT:
-            assert d is not None and d.status_export_id and d.status_export_name
-            # Without the bitmap: QEMU lets one export publish a bitmap (the one above).
-            await _call(qemu.export_add(d.status_export_id, d.store_node, d.status_export_name,
-                                        None))
-        elif step.action == START_JOBS:
-            # QEMU reports a failing read of the snapshot (it broke) or write of the target as
-            # the job's error: the job fails, the guest never sees it.
-            await _call(qemu.transaction(block_jobs(job)))
-        elif step.action == COMMIT:
-            if prepared:
-                # The checkpoint owns its bitmaps from here on; a failing commit has already
-                # removed them itself (`CheckpointService.commit`), so the rollback must not.
-                job.made.discard(Piece(CHECKPOINT_BITMAPS))
-                await self._checkpoints.commit(prepared)
-
-    async def _fleece(self, job: BackupJob, actions: list[Action]) -> None:
-        """The point in time of a backup: with the guest's vCPUs stopped (its I/O drained)
-        the transaction and every device's switch onto its copy-before-write filter, so the
-        bitmaps and the snapshot agree to the write. QEMU cannot switch a device inside a
-        transaction; the guest stops for a few milliseconds instead."""
-        qemu = self._ctx.qemu
-        # Recorded before the stop: a vcfs killed while the guest is stopped must resume it.
-        job.paused = True
-        self._store.put_intent(self._ctx.name, job.record_key, job.to_record(self._codec))
-        stopped = False
-        try:
-            stopped = await qemu.pause()
-            await _call(qemu.transaction(actions))
-            if job.checkpoint_disks:
-                job.made.add(Piece(CHECKPOINT_BITMAPS))
-            fault_point("backup.switch-device")
-            for d in job.disks:
-                await _call(qemu.set_drive(d.disk.qdev, d.cbw_node))
-                job.made.add(Piece(SWITCH, d.target))
-        finally:
-            if stopped:
-                with trio.CancelScope(shield=True):
-                    await qemu.resume()
-            job.paused = False
 
     def _adopt(self, job: BackupJob) -> None:
         """Show a begun job and set it going: views for pull, a watcher for push."""
@@ -428,10 +287,7 @@ class BackupService:
             log.warning("domain %s: completing the guest's shutdown: %s", self._ctx.name, e)
 
     def _forget_record(self, job: BackupJob) -> None:
-        try:
-            self._store.drop_intent(self._ctx.name, job.record_key)
-        except VcfsError as e:
-            log.warning("domain %s: backup %s: %s", self._ctx.name, job.id, e)
+        forget_record(self._store, self._ctx.name, job)
 
     # ---- recovering -------------------------------------------------------------------------
 
@@ -474,7 +330,7 @@ class BackupService:
             done.append((f"backups/{job.id}",
                          f"cleaned up {job.mode} backup {job.id} interrupted by a crash{note}"))
         if self._preserve_shutdown and self.active() is not None:
-            await _call(self._ctx.qemu.preserve_shutdown(True))
+            await qemu_call(self._ctx.qemu.preserve_shutdown(True))
         else:
             await self._settle_shutdown()  # a guest a crash left waiting is let go
         return done
@@ -553,14 +409,6 @@ class BackupService:
         """QEMU died: every running job failed; readers fail at once instead of hanging."""
         for job in self._jobs.values():
             job.fail(self._gone_reason())
-
-
-async def _call(coro: Awaitable[None]) -> None:
-    """A step of a begin: QEMU's refusal is a backend failure of the request."""
-    try:
-        await coro
-    except QmpCommandError as e:
-        raise BackendError(str(e)) from None
 
 
 def _opener(
