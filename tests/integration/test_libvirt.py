@@ -503,3 +503,27 @@ def test_a_pull_backup_running_when_vcfs_was_killed_reappears(libvirtd, lv_qcow2
     assert data == expected_image(64 * MiB, [(3 * MiB, MiB, 0x42)])
     assert sh(f"rmdir {backups}/1").returncode == 0
     assert job_type(lv) == libvirt.VIR_DOMAIN_JOB_NONE
+
+
+def test_rmdir_of_a_running_push_cancels_it_and_libvirt_removes_the_target(
+        libvirtd, lv_factory, vcfs_mount, sh, tmp_path):
+    work = tmp_path / "lvwork"
+    work.mkdir()
+    image = work / "lv1-vda.qcow2"  # made before the domain starts: LibvirtVM keeps it
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "1G"], check=True)
+    subprocess.run(["qemu-io", "-f", "qcow2", str(image), "-c", "write -P 0x5a 0 768M"],
+                   check=True, capture_output=True)
+    lv = lv_factory("lv1", [DiskSpec("vda", size=1 << 30)])
+    mnt = mount(vcfs_mount, libvirtd)
+    backups = mnt.path / "lv1/backups"
+    target = tmp_path / "push.qcow2"
+    doc = (f"<domainbackup mode='push'><disks><disk name='vda' type='file'>"
+           f"<driver type='qcow2'/><target file='{target}'/></disk></disks></domainbackup>")
+    assert write_errno(backups / "new", doc.encode()) == 0
+    assert (backups / "1/status").read_text().startswith("state: running\nmode: push\n")
+    assert sh(f"rmdir {backups}/1").returncode == 0
+    assert job_type(lv) == libvirt.VIR_DOMAIN_JOB_NONE
+    assert lv.dom.jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)["type"] == \
+        libvirt.VIR_DOMAIN_JOB_CANCELLED
+    assert not target.exists()
+    assert listing(backups) == ["new"]

@@ -170,7 +170,10 @@ class LibvirtBackups:
             active = dom.jobStats(0)
             if active.get("type", libvirt.VIR_DOMAIN_JOB_NONE) != libvirt.VIR_DOMAIN_JOB_NONE:
                 return active, None
-            return active, dom.jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
+            # KEEP_COMPLETED: reading them must not take them from `virsh domjobinfo
+            # --completed` (libvirt otherwise forgets them once read).
+            return active, dom.jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED
+                                        | libvirt.VIR_DOMAIN_JOB_STATS_KEEP_COMPLETED)
 
         try:
             active, completed = await self._conn.on_domain(self._uuid, stats, "job stats")
