@@ -307,7 +307,8 @@ one pool of 64 threads per VM, the guest's included; a block job copies with 64 
 default, so a job whose target stalls (a hung NFS server, a frozen file system) took every
 thread and held the guest's writes with them (measured: over 10 s with the target's file
 system frozen; 0.1 s with 60 workers). Copying a 1 GiB disk into a local file took the same
-time with 8, 16 and 64 workers (measured)."""
+time with 8, 16 and 64 workers (measured). QEMU takes it as `x-perf.max-workers`, marked
+experimental since 6.0: a QEMU that drops it refuses the job, which the begin reports."""
 
 
 def block_jobs(job: BackupJob) -> list[Action]:
