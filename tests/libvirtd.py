@@ -24,6 +24,7 @@ Threading rule: blocking, one thread (pytest's), never vcfs's event loop.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
@@ -32,6 +33,7 @@ import subprocess
 import tempfile
 import time
 import uuid
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -50,6 +52,16 @@ libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
 
 QEMU_USER_UID = 64055
 """Debian's usual uid/gid for libvirt-qemu; only ever seen inside the daemon's namespace."""
+
+
+_running: weakref.WeakSet[Libvirtd] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_leftover_daemons() -> None:
+    """A test run interrupted before its fixtures' teardown still leaves no daemon or QEMU."""
+    for daemon in list(_running):
+        daemon.stop()
 
 
 def missing_prerequisites() -> list[str]:
@@ -154,6 +166,7 @@ class Libvirtd:
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
+        _running.add(self)
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
@@ -216,6 +229,7 @@ class Libvirtd:
         for pidfile in (self.base / "run/qemu").glob("*.pid"):
             self._kill_pidfile(pidfile, signal.SIGKILL)
         shutil.rmtree(self.base, ignore_errors=True)
+        _running.discard(self)
 
     @staticmethod
     def _kill_pidfile(pidfile: Path, sig: int) -> None:
