@@ -2,7 +2,8 @@
 # Both first install what is missing (Debian packages, the virtualenv), idempotently.
 APT_PACKAGES := qemu-system-x86 qemu-utils fuse3 libfuse3-dev pkg-config python3-dev \
                 python3-libnbd libnbd-bin python3-venv gcc rsync patch systemd \
-                python3-libvirt libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
+                python3-libvirt libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients \
+                openssl
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
