@@ -80,7 +80,7 @@ class LibvirtJob:
     state: str = RUNNING
     error: str | None = None
     done: int = 0
-    total: int = 0
+    """Push: the bytes libvirt has copied, all disks together (its `disk_processed`)."""
     started: float = field(default_factory=time.time)
 
     def close_views(self) -> None:
@@ -182,7 +182,6 @@ class LibvirtBackups:
             return
         if completed is None:
             job.done = int(active.get("disk_processed", job.done))
-            job.total = int(active.get("disk_total", job.total))
         else:
             self._finished(job, completed)
 
@@ -204,7 +203,6 @@ class LibvirtBackups:
             return
         job.state = state
         job.done = int(params.get("disk_processed", job.done))
-        job.total = int(params.get("disk_total", job.total))
         if state == FAILED:
             job.error = str(params.get("errmsg") or "libvirt reports the backup job failed")
             self._report(f"backups/{job.id}", "EIO", job.error)
