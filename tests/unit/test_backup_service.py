@@ -347,6 +347,43 @@ def test_preserve_shutdown_lets_a_running_guest_run_and_undoes_a_failed_begin():
     run(test)
 
 
+@pytest.mark.parametrize("point", ["backup.switch-device", "backup.export-add"])
+def test_a_crash_during_a_begin_with_preserve_shutdown_lets_a_shut_down_guest_go(
+    monkeypatch, point
+):
+    """The begin set `shutdown=pause`, then vcfs died and the guest shut down: the next vcfs
+    cleans the job up, puts QEMU's default action back and completes the shutdown."""
+
+    async def test(w: World) -> None:
+        w.dom = domain_with(w, preserve_shutdown=True)
+        await w.dom.start()
+        w.kill_at(point, monkeypatch)
+        with pytest.raises(Crash):
+            await w.backups.begin(pull_doc())
+        assert w.snapshot is not None and w.snapshot[0].shutdown_pauses
+        w.snapshot[0].guest_shutdown()
+        w.qemu, w.store = w.snapshot
+        w.dom = domain_with(w, preserve_shutdown=True)
+        await w.dom.start()
+        assert any("RECOVER" in line and "cleaned up" in line for line in errors(w))
+        assert any("RECOVER completed the guest's shutdown" in line for line in errors(w))
+        assert not w.qemu.shutdown_pauses and w.qemu.closed  # QEMU quit
+        assert w.qemu.nodes == {} and w.qemu.exports == {} and w.store.pending == {}
+
+    run(test)
+
+
+def test_a_mount_with_preserve_shutdown_leaves_a_guest_waiting_for_other_reasons_alone():
+    async def test(w: World) -> None:
+        w.qemu.shutdown_pauses = True  # QEMU started with -no-shutdown ...
+        w.qemu.guest_shutdown()  # ... and its guest shut down, no backup involved
+        dom = domain_with(w, preserve_shutdown=True)
+        await dom.start()
+        assert not w.qemu.closed and w.qemu.shutdown_pauses
+
+    run(test)
+
+
 def test_without_preserve_shutdown_the_action_is_never_touched_and_the_error_says_why():
     async def test(w: World) -> None:
         job_id = await w.backups.begin(pull_doc())

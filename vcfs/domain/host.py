@@ -104,6 +104,8 @@ class Domain:
         for path, message in recovered:
             log.warning("domain %s: %s: %s", self.name, path, message)
             self.errors.add(path, "RECOVER", message)
+        if not self.connected:
+            return  # recovery completed a shutdown the guest began (--preserve-shutdown)
         if recovered:
             info = await self.info(max_age=0)
         for path, message in self.checkpoints.reconcile(info):

@@ -331,8 +331,13 @@ class BackupService:
                          f"cleaned up {job.mode} backup {job.id} interrupted by a crash{note}"))
         if self._preserve_shutdown and self.active() is not None:
             await qemu_call(self._ctx.qemu.preserve_shutdown(True))
-        else:
-            await self._settle_shutdown()  # a guest a crash left waiting is let go
+        elif done:
+            # A guest a crashed vcfs left waiting is let go; one that waits for another
+            # reason (QEMU started with -no-shutdown, no backup ever) is none of vcfs's business.
+            await self._settle_shutdown()
+            if self._ctx.qemu.closed:
+                done.append((".", "completed the guest's shutdown, which waited for a backup "
+                                  "a crash interrupted"))
         return done
 
     async def _intact(self, job: BackupJob, jobs: dict[str, BlockJob], info: DomainInfo) -> bool:
