@@ -527,3 +527,16 @@ def test_rmdir_of_a_running_push_cancels_it_and_libvirt_removes_the_target(
         libvirt.VIR_DOMAIN_JOB_CANCELLED
     assert not target.exists()
     assert listing(backups) == ["new"]
+
+
+def test_unmount_ends_the_backups_vcfs_began(libvirtd, lv_qcow2, vcfs_mount, sh):
+    lv = lv_qcow2
+    mnt = mount(vcfs_mount, libvirtd)
+    assert sh(f"mkdir {mnt.path}/lv1/backups/b").returncode == 0
+    assert job_type(lv) != libvirt.VIR_DOMAIN_JOB_NONE
+    # The abort's job-completed event arrives while the mount ends: no harm (the fixture
+    # fails the test on any ERROR or traceback in vcfs's log).
+    mnt.unmount()
+    assert mnt.returncode == 0, mnt.log_text()
+    assert job_type(lv) == libvirt.VIR_DOMAIN_JOB_NONE
+    assert os.listdir(mnt.runtime_dir) == []

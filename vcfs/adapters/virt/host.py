@@ -104,18 +104,28 @@ class LibvirtHost:
                 await self.scan()
 
     def _spawn(self, fn: Callable[..., Awaitable[object]], *args: object) -> None:
-        assert self._nursery is not None, "LibvirtHost.run() is not running"
-        self._nursery.start_soon(fn, *args)
+        """Start a background task in the host's nursery; none once the mount is ending (an
+        event can still arrive while `close` ends the jobs)."""
+        if self._nursery is None:
+            return
+        try:
+            self._nursery.start_soon(fn, *args)
+        except RuntimeError:  # the nursery is closed: the mount is ending
+            log.debug("not starting %s: the host is closing", fn)
 
     def _event(self, event: Event) -> None:
         """A domain event from libvirt (in the trio thread): rescan now; hand a finished
-        job to its domain's backups."""
-        kind, uuid, details = event
-        if kind == "job-completed":
-            for dom in self._domains.values():
-                if dom.uuid == uuid:
-                    dom.backups.job_completed(details)
-        self._wake.set()
+        job to its domain's backups. Never raises: it runs as a trio callback, where an
+        exception would end the whole mount."""
+        try:
+            kind, uuid, details = event
+            if kind == "job-completed":
+                for dom in list(self._domains.values()):
+                    if dom.uuid == uuid:
+                        dom.backups.job_completed(details)
+            self._wake.set()
+        except Exception:
+            log.exception("%s: handling libvirt event %s", self.uri, event[0])
 
     async def refresh(self, max_age: float = 0.5) -> None:
         """The tree's rescan (a listing of the root): the list of domains only, one call;
