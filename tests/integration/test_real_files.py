@@ -14,10 +14,17 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import BACKENDS
 from tests.integration.helpers import errors_of, wait_for, write_errno
 from tests.vm import DiskSpec
 
 MiB = 1 << 20
+
+
+@pytest.fixture(params=BACKENDS)
+def factory(request, vm_factory):
+    """`vm_factory`, or that of the private libvirtd's domains: these tests run over both."""
+    return vm_factory if request.param == "qmp" else request.getfixturevalue("lv_factory")
 
 
 def small_vm(vm_factory):
@@ -66,8 +73,8 @@ def state_of(job: Path) -> str:
     return (job / "status").read_text().splitlines()[0]
 
 
-def test_every_regular_file_reports_the_size_a_read_returns(vm_factory, vcfs_mount, tmp_path):
-    vm = small_vm(vm_factory)
+def test_every_regular_file_reports_the_size_a_read_returns(factory, vcfs_mount, tmp_path):
+    vm = small_vm(factory)
     mnt = vcfs_mount(vm.host_dir)
     dom = mnt.path / "vm1"
     cps, backups = dom / "checkpoints", dom / "backups"
@@ -111,8 +118,8 @@ def test_every_regular_file_reports_the_size_a_read_returns(vm_factory, vcfs_mou
     assert os.stat(pull / "disks/vda.qcow2").st_size < 4 * MiB
 
 
-def test_a_handle_reads_one_snapshot_and_its_fstat_agrees(vm_factory, vcfs_mount, sh):
-    vm = small_vm(vm_factory)
+def test_a_handle_reads_one_snapshot_and_its_fstat_agrees(factory, vcfs_mount, sh):
+    vm = small_vm(factory)
     mnt = vcfs_mount(vm.host_dir)
     dom = mnt.path / "vm1"
     errors = dom / "errors"
@@ -131,8 +138,8 @@ def test_a_handle_reads_one_snapshot_and_its_fstat_agrees(vm_factory, vcfs_mount
 
 
 @pytest.mark.skipif(shutil.which("rsync") is None, reason="rsync is not installed")
-def test_rsync_cp_and_tar_of_a_backup_copy_what_cat_shows(vm_factory, vcfs_mount, sh, tmp_path):
-    vm = small_vm(vm_factory)
+def test_rsync_cp_and_tar_of_a_backup_copy_what_cat_shows(factory, vcfs_mount, sh, tmp_path):
+    vm = small_vm(factory)
     mnt = vcfs_mount(vm.host_dir)
     dom = mnt.path / "vm1"
     os.mkdir(dom / "checkpoints/c1")
@@ -167,9 +174,9 @@ def test_rsync_cp_and_tar_of_a_backup_copy_what_cat_shows(vm_factory, vcfs_mount
                 assert got == shown, (tool, f)
 
 
-def test_rsync_of_a_whole_domain_copies_control_files_as_empty_files(vm_factory, vcfs_mount, sh,
+def test_rsync_of_a_whole_domain_copies_control_files_as_empty_files(factory, vcfs_mount, sh,
                                                                      tmp_path):
-    vm = small_vm(vm_factory)
+    vm = small_vm(factory)
     mnt = vcfs_mount(vm.host_dir)
     dom = mnt.path / "vm1"
     os.mkdir(dom / "checkpoints/c1")

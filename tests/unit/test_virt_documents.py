@@ -90,9 +90,10 @@ def test_what_the_user_chose_is_kept():
                                       lambda t: f"/s/{t}", lambda host: 10810)
     assert etree.fromstring(remote.backup_xml).find("server").attrib == {
         "transport": "tcp", "name": "hv1", "tls": "yes", "port": "10810"}
-    push, root = request(b"<domainbackup><disks><disk name='vda' type='file'>"
+    push, root = request(b"<domainbackup><disks><disk name='vda'>"
                          b"<target file='/t.qcow2'/></disk></disks></domainbackup>")
     assert push.mode == "push"  # libvirt's default mode
+    assert root.find("disks/disk").get("type") == "file"  # what libvirt's schema wants
     assert root.find("server") is None and root.find(".//scratch") is None
 
 
@@ -118,7 +119,8 @@ def test_libvirts_backup_xml_and_checkpoint_xml_are_read():
         " exportname='vda' exportbitmap='backup-vda'><scratch file='/x'/></disk>"
         "<disk name='vdb' backup='no'/></disks></domainbackup>")
     assert server == documents.BackupServer("unix", "/s", None, None, False)
-    assert listed == [documents.BackupDisk("vda", "incremental", "mon", "vda", "backup-vda")]
+    assert listed == [documents.BackupDisk("vda", "incremental", "mon", "vda", "backup-vda",
+                                           "/x")]
     cp = documents.checkpoint_definition(
         "<domaincheckpoint><name>c2</name><parent><name>c1</name></parent>"
         "<creationTime>1700000000</creationTime><disks>"

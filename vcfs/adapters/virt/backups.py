@@ -63,6 +63,8 @@ class LibvirtDiskJob:
     target: str
     size: int
     incremental: str | None
+    scratch: str | None = None
+    """Pull: the scratch file libvirt made, when this host can see it (a local URI)."""
     views: DiskViews | None = None
 
 
@@ -162,7 +164,12 @@ class LibvirtBackups:
                 share = d.size if job.state == COMPLETED else job.done * d.size // total
                 disks.append(DiskProgress(d.target, min(share, d.size), d.size))
         nbd = sum(d.views.nbd_bytes for d in job.disks if d.views) if job.mode == PULL else None
-        return render_status(JobStatus(job.state, job.mode, disks, nbd, job.error)).encode()
+        # What the guest's writes have made QEMU copy so far: the host's count of the scratch
+        # file's blocks, as for QMP hosts.
+        scratch = {d.target: self._env.system.disk_usage(d.scratch)[0] for d in job.disks
+                   if d.scratch and job.state == RUNNING}
+        return render_status(
+            JobStatus(job.state, job.mode, disks, nbd, job.error, scratch)).encode()
 
     async def _poll(self, job: LibvirtJob) -> None:
         """Ask libvirt how the running job is doing (in case an event was missed)."""
@@ -289,8 +296,10 @@ class LibvirtBackups:
              checkpoint: str | None, socket: str | None) -> LibvirtJob:
         """The job for libvirt's backup XML, with the views of a pull job's disks."""
         server, disks = documents.backup_facts(xml)
+        local = self._remote_host is None
         job = LibvirtJob(job_id, mode, xml.encode(),
-                         [LibvirtDiskJob(d.target, sizes.get(d.target, 0), d.incremental)
+                         [LibvirtDiskJob(d.target, sizes.get(d.target, 0), d.incremental,
+                                         d.scratch if local and mode == PULL else None)
                           for d in disks], checkpoint, socket)
         if mode != PULL or server is None:
             return job

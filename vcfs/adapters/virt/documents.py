@@ -160,6 +160,12 @@ def backup_request(
         checkpoint_xml = etree.tostring(cp, encoding="unicode")
         checkpoint = checkpoint_name(checkpoint_xml.encode())
     mode = root.get("mode", "push")  # libvirt's default
+    for el in root.iterfind("disks/disk"):
+        # libvirt 9.0's schema wants type='file' beside a <target file> or <scratch file>;
+        # vcfs's QMP backend (and libvirt's own parser) take the file attribute as saying so.
+        store = el.find("target") if el.find("target") is not None else el.find("scratch")
+        if store is not None and store.get("file") and el.get("type") is None:
+            el.set("type", "file")
     if mode == "pull":
         el = root.find("server")
         if el is None:
@@ -194,6 +200,8 @@ class BackupDisk:
     incremental: str | None
     export_name: str | None
     export_bitmap: str | None
+    scratch: str | None = None
+    """A pull disk's scratch file, when it is a file."""
 
 
 @dataclass(frozen=True)
@@ -218,7 +226,8 @@ def backup_facts(xml: str) -> tuple[BackupServer | None, list[BackupDisk]]:
                               int(port) if port else None, el.get("tls") == "yes")
     disks = [
         BackupDisk(d.get("name", ""), d.get("backupmode", "full"), d.get("incremental"),
-                   d.get("exportname"), d.get("exportbitmap"))
+                   d.get("exportname"), d.get("exportbitmap"),
+                   d.find("scratch").get("file") if d.find("scratch") is not None else None)
         for d in root.iterfind("disks/disk")
         if d.get("backup", "yes") == "yes"
     ]
