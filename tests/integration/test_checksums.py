@@ -1,4 +1,5 @@
-"""Checksum files of the image views: one `cp` proves its own copy, at no extra read.
+"""Checksum files of the image views: one `cp` proves its own copy, at no extra read (over QMP
+sockets and over libvirt alike).
 
 `disks/<disk>.sha256` and `disks/<disk>.qcow2.sha256` are `sha256sum` lines, taken while a
 reader streams the view (cp with SEEK_DATA hops over holes: they count as zeros). The tests
@@ -16,10 +17,20 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.conftest import Mount
+import pytest
+
+from tests.conftest import BACKENDS, Mount
 from tests.vm import VM, DiskSpec
 
 MiB = 1 << 20
+
+
+@pytest.fixture(params=BACKENDS)
+def factory(request: pytest.FixtureRequest, vm_factory: Callable[..., VM]) -> Callable[..., VM]:
+    """`vm_factory`, or that of the private libvirtd's domains: these tests run over both."""
+    if request.param == "qmp":
+        return vm_factory
+    return request.getfixturevalue("lv_factory")
 
 
 def nbd_read(backup: Path) -> int:
@@ -36,9 +47,9 @@ def begin(dom: Path, xml: str) -> Path:
 
 
 def test_a_copy_proves_itself_with_sha256sum_and_the_checksum_costs_no_read(
-    vm_factory: Callable[..., VM], vcfs_mount: Callable[..., Mount], tmp_path: Path
+    factory: Callable[..., VM], vcfs_mount: Callable[..., Mount], tmp_path: Path
 ):
-    vm = vm_factory("vm1", [DiskSpec("vda", size=64 * MiB)])
+    vm = factory("vm1", [DiskSpec("vda", size=64 * MiB)])
     vm.write("vda", 0, MiB, 0x11)
     vm.write("vda", 40 * MiB, 3 * MiB, 0x22)
     dom = vcfs_mount(vm.host_dir).path / "vm1"
@@ -91,9 +102,9 @@ def test_a_copy_proves_itself_with_sha256sum_and_the_checksum_costs_no_read(
 
 
 def test_an_unread_view_is_read_once_for_its_checksum(
-    vm_factory: Callable[..., VM], vcfs_mount: Callable[..., Mount], tmp_path: Path
+    factory: Callable[..., VM], vcfs_mount: Callable[..., Mount], tmp_path: Path
 ):
-    vm = vm_factory("vm1", [DiskSpec("vda", size=64 * MiB)])
+    vm = factory("vm1", [DiskSpec("vda", size=64 * MiB)])
     vm.write("vda", 4 * MiB, 2 * MiB, 0x55)
     dom = vcfs_mount(vm.host_dir).path / "vm1"
     b = begin(dom, "<domainbackup mode='pull'/>")
