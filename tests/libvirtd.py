@@ -355,12 +355,41 @@ class LibvirtVM:
                 return str(disk.find("alias").get("name"))
         raise KeyError(target)
 
+    def qemu_io(self, target: str, command: str) -> str:
+        """Run a qemu-io `command` through the disk's virtio device; return its output.
+
+        HMP's qemu-io prints its result on QEMU's stdout, which virtlogd keeps in the
+        domain's log (as for `tests.vm.VM`, whose log is a file of its own)."""
+        device = f"/machine/peripheral/{self._alias(target)}/virtio-backend"
+        log = self.daemon.base / "log" / "qemu" / f"{self.name}.log"
+        with open(log, "rb") as f:
+            start = f.seek(0, os.SEEK_END)
+            reply = self.qmp("human-monitor-command",
+                             **{"command-line": f'qemu-io -d {device} "{command}"'})
+            deadline = time.monotonic() + 5
+            while True:  # virtlogd writes the output a moment later
+                f.seek(start)
+                out = f.read().decode(errors="replace")
+                if out or time.monotonic() > deadline:
+                    return str(reply) + out
+                time.sleep(0.01)
+
     def write(self, target: str, offset: int, length: int, pattern: int) -> None:
         """Write `length` bytes of `pattern` through the device, exactly as a guest would."""
-        device = f"/machine/peripheral/{self._alias(target)}/virtio-backend"
-        self.qmp("human-monitor-command",
-                 **{"command-line": f'qemu-io -d {device} "write -P 0x{pattern:02x} '
-                                    f'{offset} {length}"'})
+        out = self.qemu_io(target, f"write -P 0x{pattern:02x} {offset} {length}")
+        if f"wrote {length}/{length} bytes at offset {offset}" not in out:
+            raise RuntimeError(f"{self.name}: write to {target} failed: {out.strip()}")
+
+    def write_bytes(self, target: str, offset: int, data: bytes) -> None:
+        """Write `data` at `offset` through the device (qemu-io takes it from a file)."""
+        src = self.work_dir / f"{self.name}-{target}-write.bin"
+        src.write_bytes(data)
+        try:
+            out = self.qemu_io(target, f"write -s {src} {offset} {len(data)}")
+        finally:
+            src.unlink(missing_ok=True)
+        if f"wrote {len(data)}/{len(data)} bytes at offset {offset}" not in out:
+            raise RuntimeError(f"{self.name}: write to {target} failed: {out.strip()}")
 
     def bitmaps(self, target: str) -> dict[str, dict[str, Any]]:
         """The named dirty bitmaps on the disk image's format node, by name (QEMU's own view).

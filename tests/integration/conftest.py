@@ -39,7 +39,8 @@ def libvirtd() -> Iterator[Libvirtd]:
 def lv_factory(
     libvirtd: Libvirtd, tmp_path: Path, request: pytest.FixtureRequest
 ) -> Iterator[Callable[..., LibvirtVM]]:
-    """`lv_factory(name, disks, persistent=False) -> LibvirtVM`: running libvirt domains.
+    """`lv_factory(name, disks, persistent=False, start=True) -> LibvirtVM`: libvirt domains
+    (`start=False`: not yet started, so that a test can make its images first).
 
     Teardown destroys (and undefines) each one, and prints libvirtd's log if the test failed.
     """
@@ -48,10 +49,11 @@ def lv_factory(
         libvirtd.start()  # a test stopped it and failed before starting it again
 
     def make(name: str = "lv1", disks: Sequence[DiskSpec] = (DiskSpec("vda"),),
-             persistent: bool = False) -> LibvirtVM:
+             persistent: bool = False, start: bool = True) -> LibvirtVM:
         vm = LibvirtVM(libvirtd, name, tmp_path / "lvwork", disks)
         vms.append(vm)
-        vm.start(persistent=persistent)
+        if start:
+            vm.start(persistent=persistent)
         return vm
 
     yield make

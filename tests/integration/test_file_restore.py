@@ -5,6 +5,7 @@ qemu-nbd.
 
 The guest changes its filesystem between the two backups by writing, through its virtio disk,
 exactly the blocks in which the Tuesday version of the filesystem differs from Monday's.
+The test runs over a QMP socket and over libvirt (a domain of the tests' private libvirtd).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import BACKENDS
 from tests.integration.helpers import errors_of, wait_for, write_errno
 from tests.vm import DiskSpec
 from vcfs.demo import MON, TUE
@@ -187,11 +189,17 @@ def begin(backups: Path, doc: str) -> Path:
     return backups / os.readlink(backups / "latest")
 
 
-def test_one_file_back_from_running_backups_and_from_the_saved_chain(vm_factory, vcfs_mount,
+@pytest.fixture(params=BACKENDS)
+def factory(request, vm_factory):
+    """`vm_factory`, or that of the private libvirtd's domains: this test runs over both."""
+    return vm_factory if request.param == "qmp" else request.getfixturevalue("lv_factory")
+
+
+def test_one_file_back_from_running_backups_and_from_the_saved_chain(factory, vcfs_mount,
                                                                     tmp_path):
     mon_fs, tue_fs = ext4_images(tmp_path)
     assert monday_files() != tuesday_files()
-    vm = vm_factory("vm1", [DiskSpec("vda", size=DISK)], start=False)
+    vm = factory("vm1", [DiskSpec("vda", size=DISK)], start=False)
     vm.work_dir.mkdir(parents=True, exist_ok=True)
     raw = tmp_path / "disk.raw"
     raw.write_bytes(disk_with_partition(mon_fs))
