@@ -85,6 +85,8 @@ def test_what_the_user_chose_is_kept():
                         b"</disks></domainbackup>")
     assert root.find("server").attrib == {"name": "10.0.0.1", "port": "10809"}  # a free port
     assert [s.get("file") for s in root.iter("scratch")] == ["/mine.qcow2"]
+    _, root = request(b"<domainbackup mode='pull'><server transport='unix'/></domainbackup>")
+    assert root.find("server").get("socket") == "/run/vcfs/lv1-1.sock"
     remote = documents.backup_request(b"<domainbackup mode='pull'/>", disks(),
                                       {"transport": "tcp", "name": "hv1", "tls": "yes"},
                                       lambda t: f"/s/{t}", lambda host: 10810)

@@ -23,6 +23,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import libvirt
@@ -31,6 +32,7 @@ import trio
 from vcfs.adapters.virt import documents
 from vcfs.adapters.virt.checkpoints import LibvirtCheckpoints
 from vcfs.adapters.virt.connection import Connection
+from vcfs.adapters.virt.errors import is_no_backup, is_no_job
 from vcfs.domain.host import Environment
 from vcfs.domain.model import PULL, Disk
 from vcfs.domain.names import check_job_name
@@ -78,7 +80,8 @@ class LibvirtJob:
     disks: list[LibvirtDiskJob]
     checkpoint: str | None = None
     socket: str | None = None
-    """The unix socket vcfs chose for the export (removed at the end if left behind)."""
+    """The export's unix socket, when in vcfs's runtime directory (removed at the end if
+    QEMU left it behind)."""
     state: str = RUNNING
     error: str | None = None
     done: int = 0
@@ -244,8 +247,8 @@ class LibvirtBackups:
         running = next((j for j in self._jobs.values() if j.state == RUNNING), None)
         if running is not None:
             raise Busy(f"backup '{running.id}' is already running on domain {self._name}")
-        socket = str(self._env.runtime_dir / f"{self._name}-{job_id}.sock")
-        server = {"transport": "unix", "socket": socket}
+        server = {"transport": "unix",
+                  "socket": str(self._env.runtime_dir / f"{self._name}-{job_id}.sock")}
         if self._remote_host is not None:
             server = {"transport": "tcp", "name": self._remote_host}
             if self._env.tls_dir is not None:  # `--tls-x509-dir`: the export wants TLS too
@@ -280,8 +283,7 @@ class LibvirtBackups:
                                                              BEGIN_TIMEOUT)
         except _Busy:
             raise Busy(f"a job is already running on domain {self._name} (libvirt)") from None
-        job = self._job(job_id, xml, request.mode, sizes, request.checkpoint,
-                        socket if request.mode == PULL and "socket" in server else None)
+        job = self._job(job_id, xml, request.mode, sizes, request.checkpoint)
         if request.checkpoint is not None:
             self._checkpoints.created(request.checkpoint)
         try:
@@ -293,10 +295,13 @@ class LibvirtBackups:
         log.info("domain %s: began %s backup %s", self._name, job.mode, job_id)
 
     def _job(self, job_id: str, xml: str, mode: str, sizes: dict[str, int],
-             checkpoint: str | None, socket: str | None) -> LibvirtJob:
+             checkpoint: str | None) -> LibvirtJob:
         """The job for libvirt's backup XML, with the views of a pull job's disks."""
         server, disks = documents.backup_facts(xml)
         local = self._remote_host is None
+        # vcfs removes a socket left behind only where it makes them: its runtime directory.
+        socket = (server.socket if server and server.socket and local
+                  and Path(server.socket).parent == self._env.runtime_dir else None)
         job = LibvirtJob(job_id, mode, xml.encode(),
                          [LibvirtDiskJob(d.target, sizes.get(d.target, 0), d.incremental,
                                          d.scratch if local and mode == PULL else None)
@@ -333,7 +338,7 @@ class LibvirtBackups:
                         dom.abortJob()
                     except libvirt.libvirtError as e:
                         # Ended meanwhile (libvirt says no job is active): nothing to abort.
-                        if e.get_error_code() != libvirt.VIR_ERR_OPERATION_INVALID:
+                        if not is_no_job(e):
                             raise
                     # abortJob returns before libvirt has torn the job down (measured: a
                     # three-disk pull job still ran right after it); the next backup must not
@@ -391,7 +396,7 @@ class LibvirtBackups:
             try:
                 xml = dom.backupGetXMLDesc(0)
             except libvirt.libvirtError as e:
-                if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_BACKUP:
+                if is_no_backup(e):
                     return None
                 raise
             disks = documents.domain_disks(dom.XMLDesc(0))
@@ -416,7 +421,7 @@ class LibvirtBackups:
                 self._next_id += 1
                 job_id = str(self._next_id)
             self._next_id += 1
-            self._jobs[job_id] = self._job(job_id, xml, mode, sizes, None, None)
+            self._jobs[job_id] = self._job(job_id, xml, mode, sizes, None)
             self.latest = job_id
             message = f"adopted the {mode} backup libvirt runs as backup {job_id}"
             log.warning("domain %s: %s", self._name, message)

@@ -170,6 +170,8 @@ def backup_request(
         el = root.find("server")
         if el is None:
             el = etree.SubElement(root, "server", **server)
+        if el.get("transport") == "unix" and not el.get("socket") and server.get("socket"):
+            el.set("socket", server["socket"])  # in vcfs's runtime directory
         if el.get("transport", "tcp") == "tcp" and not el.get("port"):
             # libvirt 9.0 demands a port; the contract gives TCP without one a free port.
             el.set("port", str(free_port(el.get("name") or "localhost")))

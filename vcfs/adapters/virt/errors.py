@@ -65,3 +65,13 @@ def is_connection_lost(e: libvirt.libvirtError) -> bool:
     """Whether the error means the connection to libvirtd is gone (not a refusal)."""
     return e.get_error_code() in (libvirt.VIR_ERR_SYSTEM_ERROR, libvirt.VIR_ERR_RPC,
                                   libvirt.VIR_ERR_NO_CONNECT, libvirt.VIR_ERR_INVALID_CONN)
+
+
+def is_no_job(e: libvirt.libvirtError) -> bool:
+    """Whether libvirt refused because no job is active (an abort of a job that just ended)."""
+    return e.get_error_code() == libvirt.VIR_ERR_OPERATION_INVALID
+
+
+def is_no_backup(e: libvirt.libvirtError) -> bool:
+    """Whether libvirt says the domain runs no backup job."""
+    return e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_BACKUP
