@@ -140,6 +140,10 @@ class LibvirtHost:
         does (concurrently: a fleet's hypervisor has many)."""
         async with self._lock:
             if not self._conn.alive:
+                if not full:
+                    # A listing must not wait for a libvirtd that may hang in connect: the
+                    # background scan reconnects; meanwhile the domains known stay shown.
+                    return
                 try:
                     await self._conn.open()
                     log.info("%s: reconnected", self.uri)
