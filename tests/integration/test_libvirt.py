@@ -488,21 +488,28 @@ def test_a_pull_backup_running_when_vcfs_was_killed_reappears(libvirtd, lv_qcow2
     lv.write("vda", 3 * MiB, MiB, 0x42)
     mnt = mount(vcfs_mount, libvirtd)
     backups = mnt.path / "lv1/backups"
+    assert write_errno(backups / "new", b"<domainbackup mode='pull'/>") == 0
+    assert sh(f"rmdir {backups}/1").returncode == 0
     doc = b"<domainbackup mode='pull'><domaincheckpoint><name>k</name></domaincheckpoint>" \
           b"</domainbackup>"
     assert write_errno(backups / "new", doc) == 0
+    assert os.readlink(backups / "latest") == "2"
     os.kill(mnt.proc.pid, 9)
     wait_for(lambda: mnt.returncode is not None, what="vcfs to die")
     subprocess.run(["fusermount3", "-uz", str(mnt.path)], capture_output=True)
     lv.write("vda", 3 * MiB, MiB, 0x43)  # after the backup began
     mnt.start()
-    # libvirt still runs the job: vcfs shows it again, says so, and it reads as before.
-    assert listing(backups) == ["1", "latest", "new"]
-    assert "adopted the pull backup libvirt runs as backup 1" in errors_of(mnt.path / "lv1")[-1]
-    data = (backups / "1/disks/vda").read_bytes()
+    # libvirt still runs the job: vcfs shows it again, under its id (from the note it left in
+    # the state directory), says so, and it reads as before.
+    assert listing(backups) == ["2", "latest", "new"]
+    assert "adopted the pull backup libvirt runs as backup 2" in errors_of(mnt.path / "lv1")[-1]
+    data = (backups / "2/disks/vda").read_bytes()
     assert data == expected_image(64 * MiB, [(3 * MiB, MiB, 0x42)])
-    assert sh(f"rmdir {backups}/1").returncode == 0
+    # The qcow2 image is still named after the checkpoint the backup made.
+    assert (backups / "2/disks/vda.qcow2.sha256").read_text().endswith("  vda-k.qcow2\n")
+    assert sh(f"rmdir {backups}/2").returncode == 0
     assert job_type(lv) == libvirt.VIR_DOMAIN_JOB_NONE
+    assert not list(mnt.state_dir.rglob("libvirt-backup*"))
 
 
 def test_rmdir_of_a_running_push_cancels_it_and_libvirt_removes_the_target(

@@ -51,6 +51,9 @@ BEGIN_TIMEOUT = 60.0
 ABORT_TIMEOUT = 20.0
 """How long an aborted job may take to go (libvirt removes scratch images and exports)."""
 
+RECORD = "libvirt-backup"
+"""The key (and `op`) of the note a running job leaves in the state directory."""
+
 _END_STATES = {
     libvirt.VIR_DOMAIN_JOB_COMPLETED: COMPLETED,
     libvirt.VIR_DOMAIN_JOB_FAILED: FAILED,
@@ -292,7 +295,26 @@ class LibvirtBackups:
             log.warning("domain %s: checkpoints after backup %s: %s", self._name, job_id, e)
         self._jobs[job_id] = job
         self.latest = job_id
+        self._remember(job)
         log.info("domain %s: began %s backup %s", self._name, job.mode, job_id)
+
+    def _remember(self, job: LibvirtJob) -> None:
+        """Note the job's id and the checkpoint it made in the state directory: libvirt's
+        backup XML says neither, and a vcfs restarted while the job runs shows it again under
+        the same id, its qcow2 image named after that checkpoint. Best effort: without the
+        note the job is still adopted, under a new id."""
+        try:
+            self._env.store.put_intent(self._name, RECORD, {
+                "op": RECORD, "id": job.id, "checkpoint": job.checkpoint,
+                "xml": job.xml.decode()})
+        except VcfsError as e:
+            log.warning("domain %s: backup %s: cannot note it: %s", self._name, job.id, e)
+
+    def _forget(self) -> None:
+        try:
+            self._env.store.drop_intent(self._name, RECORD)
+        except VcfsError as e:
+            log.warning("domain %s: cannot drop the backup note: %s", self._name, e)
 
     def _job(self, job_id: str, xml: str, mode: str, sizes: dict[str, int],
              checkpoint: str | None) -> LibvirtJob:
@@ -358,6 +380,7 @@ class LibvirtBackups:
                     # libvirtd is away: QEMU keeps the job; the next adoption shows it again.
                 job.state = CANCELLED
             del self._jobs[job_id]
+            self._forget()
             if job.socket:
                 self._env.system.remove(job.socket)
             if self.latest == job_id:
@@ -416,13 +439,20 @@ class LibvirtBackups:
                 return  # still ours
             xml, sizes = found
             mode = "pull" if "mode='pull'" in xml or 'mode="pull"' in xml else "push"
-            job_id = str(self._next_id)
-            while job_id in self._jobs:
-                self._next_id += 1
-                job_id = str(self._next_id)
-            self._next_id += 1
-            self._jobs[job_id] = self._job(job_id, xml, mode, sizes, None)
+            note = self._env.store.intents(self._name).get(RECORD, {})
+            if note.get("xml") == xml and note.get("id") not in self._jobs:
+                job_id, checkpoint = str(note["id"]), note.get("checkpoint")
+            else:  # begun by someone else (virsh), or the note is of an older job
+                job_id, checkpoint = str(self._next_id), None
+                while job_id in self._jobs:
+                    self._next_id += 1
+                    job_id = str(self._next_id)
+            if job_id.isdigit():
+                self._next_id = max(self._next_id, int(job_id) + 1)
+            job = self._job(job_id, xml, mode, sizes, checkpoint)
+            self._jobs[job_id] = job
             self.latest = job_id
+            self._remember(job)
             message = f"adopted the {mode} backup libvirt runs as backup {job_id}"
             log.warning("domain %s: %s", self._name, message)
             self._report(f"backups/{job_id}", "RECOVER", message)
