@@ -77,3 +77,17 @@ def test_a_lost_connection_is_dropped_until_reopened():
             await conn.call(lambda c: None, "list domains")
 
     trio.run(main)
+
+
+def test_options_of_vcfs_own_fleecing_are_said_to_be_ignored_over_libvirt(caplog, tmp_path):
+    from vcfs.adapters.virt.host import LibvirtHost
+    from vcfs.domain.host import Environment
+
+    def env(**options: object) -> Environment:
+        return Environment(None, None, tmp_path, tmp_path, None, None,  # type: ignore[arg-type]
+                           **options)
+
+    LibvirtHost("qemu:///system", env())
+    assert "QMP hosts only" not in caplog.text
+    LibvirtHost("qemu:///system", env(scratch_limit=1 << 20, preserve_shutdown=True))
+    assert "--scratch-limit, --preserve-shutdown apply to QMP hosts only" in caplog.text

@@ -21,6 +21,7 @@ import trio
 from vcfs.adapters.virt.backups import LibvirtBackups
 from vcfs.adapters.virt.checkpoints import LibvirtCheckpoints
 from vcfs.adapters.virt.connection import Connection, Event
+from vcfs.domain.backups.service import CBW_TIMEOUT
 from vcfs.domain.errorlog import ErrorLog
 from vcfs.domain.host import Environment
 from vcfs.errors import VcfsError
@@ -76,6 +77,14 @@ class LibvirtHost:
         self._env = env
         self._remote_host = urlsplit(uri).hostname
         """None for a local URI (`qemu:///system`)."""
+        # These shape vcfs's own fleecing over QMP; libvirt fleeces by its own rules.
+        ignored = [option for option, given in (
+            ("--cbw-timeout", env.cbw_timeout != CBW_TIMEOUT),
+            ("--scratch-limit", env.scratch_limit is not None),
+            ("--preserve-shutdown", env.preserve_shutdown)) if given]
+        if ignored:
+            log.warning("%s: %s apply to QMP hosts only: libvirt runs its backups its own way",
+                        uri, ", ".join(ignored))
         self._conn = Connection(uri, self._event)
         self._domains: dict[str, LibvirtDomain] = {}
         self._lock = trio.Lock()
