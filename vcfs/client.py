@@ -5,13 +5,16 @@ its `status` file (format and parser: `vcfs.domain.status`, shared with the writ
 Push jobs' progress is QEMU's; pull jobs' is the bytes read through `disks/`. Rates and times
 left are computed here from successive reads.
 
-Thread rule: synchronous, one thread.
+Thread rule: synchronous; `vcfs status` lists each mount in a thread of its own, to pass by
+one that does not answer.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Iterable
@@ -149,8 +152,14 @@ def domain_lines(dom: Path) -> list[str]:
 # ---- vcfs status ------------------------------------------------------------------------------
 
 
+MOUNT_DEADLINE = 5.0
+"""Seconds one mount may take to be listed before `vcfs status` passes it by: a dead FUSE
+server or a mount stuck behind a hung QEMU must not hang the listing of the others."""
+
+
 def status(mountpoint: Path | None, *, watch: bool = False, interval: float = 1.0,
-           out: TextIO | None = None, err: TextIO | None = None) -> int:
+           out: TextIO | None = None, err: TextIO | None = None,
+           deadline: float = MOUNT_DEADLINE) -> int:
     """`vcfs status [MOUNTPOINT] [--watch]`: 0, or 1 if a mount could not be read (the others
     are still listed)."""
     out = out or sys.stdout
@@ -165,26 +174,58 @@ def status(mountpoint: Path | None, *, watch: bool = False, interval: float = 1.
     code = 0
     readable = []
     for root in roots:
-        try:
-            doms = domain_dirs(root)
-        except OSError as e:  # e.g. a dead mount: "Transport endpoint is not connected"
-            print(f"vcfs: {root}: {e.strerror or e}", file=err)
+        listing = _Listing(root, named=mountpoint is not None)
+        # A daemon thread: one blocked in a hung mount's syscall dies with the process.
+        worker = threading.Thread(target=listing.run, daemon=True)
+        worker.start()
+        worker.join(deadline)
+        if worker.is_alive():
+            print(f"vcfs: {root}: no answer in {deadline:g} s (passed by)", file=err)
             code = 1
             continue
-        if mountpoint is not None and not doms and not _looks_like_vcfs(root):
-            print(f"vcfs: {root}: not a vcfs mount or domain directory", file=err)
-            return 1
-        if mountpoint is None:
-            print(f"{root}:", file=out)
-        if not doms:
-            print("no domains", file=out)
-        for dom in doms:
-            print("\n".join(domain_lines(dom)), file=out)
-        readable.append(root)
+        out.write(listing.out.getvalue())
+        err.write(listing.err.getvalue())
+        if listing.code and mountpoint is not None:
+            return listing.code
+        code = max(code, listing.code)
+        if not listing.code:
+            readable.append(root)
     out.flush()
     if watch and readable:
         return max(code, Watcher(readable, out, interval).run())
     return code
+
+
+class _Listing:
+    """What `vcfs status` prints of one mount (or domain directory), made in a thread of its
+    own so that a mount that does not answer can be passed by."""
+
+    def __init__(self, root: Path, named: bool) -> None:
+        self.root = root
+        self.named = named
+        """The user named this path (else it is one of every vcfs mount)."""
+        self.out = io.StringIO()
+        self.err = io.StringIO()
+        self.code = 0
+
+    def run(self) -> None:
+        root = self.root
+        try:
+            doms = domain_dirs(root)
+        except OSError as e:  # e.g. a dead mount: "Transport endpoint is not connected"
+            print(f"vcfs: {root}: {e.strerror or e}", file=self.err)
+            self.code = 1
+            return
+        if self.named and not doms and not _looks_like_vcfs(root):
+            print(f"vcfs: {root}: not a vcfs mount or domain directory", file=self.err)
+            self.code = 1
+            return
+        if not self.named:
+            print(f"{root}:", file=self.out)
+        if not doms:
+            print("no domains", file=self.out)
+        for dom in doms:
+            print("\n".join(domain_lines(dom)), file=self.out)
 
 
 def _looks_like_vcfs(path: Path) -> bool:

@@ -296,6 +296,30 @@ def test_status_of_every_mount_lists_the_readable_ones(tmp_path, monkeypatch):
     assert out.getvalue().startswith(f"{root}:\nvm1\n  checkpoints: mon, tue")
 
 
+def test_status_passes_by_a_mount_that_does_not_answer(tmp_path, monkeypatch):
+    root = fake_mount(tmp_path / "mnt")
+    hung = tmp_path / "hung"
+    release = threading.Event()
+    listed = client.domain_dirs
+
+    def domain_dirs(path: Path) -> list[Path]:
+        if path == hung:
+            release.wait()  # a FUSE server that never answers
+        return listed(path)
+
+    monkeypatch.setattr(client, "domain_dirs", domain_dirs)
+    monkeypatch.setattr(client, "vcfs_mounts", lambda: [hung, root])
+    out, err = io.StringIO(), io.StringIO()
+    started = time.monotonic()
+    try:
+        assert client.status(None, out=out, err=err, deadline=0.2) == 1
+    finally:
+        release.set()
+    assert time.monotonic() - started < 2
+    assert err.getvalue() == f"vcfs: {hung}: no answer in 0.2 s (passed by)\n"
+    assert out.getvalue().startswith(f"{root}:\nvm1\n  checkpoints: mon, tue")
+
+
 def test_status_of_something_else_is_one_line(tmp_path):
     err = io.StringIO()
     assert client.status(tmp_path, out=io.StringIO(), err=err) == 1
