@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import random
 import re
 import shutil
 import subprocess
@@ -30,22 +29,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from benchmarks.harness import drop_caches, median, timed, vcfs_mounted, vcfs_pid
-from tests.vm import VM, DiskSpec
+from tests.vm import VM, DiskSpec, scattered_image
 from vcfs.domain.reader import BLOCK, CACHE_BYTES, LOADING
 
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
 UNIT = 64 * KiB
 EXTENTS = 2000
-
-
-def scattered_image(path: Path, size: int, seed: int) -> None:
-    """A qcow2 image of `size` with EXTENTS 64 KiB extents at random places."""
-    rng = random.Random(seed)
-    offsets = sorted(rng.sample(range(size // UNIT), EXTENTS))
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), str(size)], check=True)
-    cmds = "".join(f"write -P {(i % 250) + 1} {o * UNIT} {UNIT}\n" for i, o in enumerate(offsets))
-    subprocess.run(["qemu-io", "-f", "qcow2", str(path)], input=cmds, text=True, check=True,
-                   capture_output=True)
 
 
 @contextlib.contextmanager
@@ -85,7 +74,7 @@ def run_size(tib: int, rounds: int, base: Path) -> None:
     size = tib * TiB
     vm = VM("big", base / "host", base / "work", [DiskSpec("vda", size=size)])
     vm.work_dir.mkdir(parents=True, exist_ok=True)
-    scattered_image(vm.image("vda"), size, seed=tib)
+    scattered_image(vm.image("vda"), size, EXTENTS, seed=tib)
     qemu_map = timed(["qemu-img", "map", "--output=json", str(vm.image("vda"))])
     vm.start()
     stats, cps, nbds, qcows = [], [], [], []
@@ -131,7 +120,7 @@ def run_memory(base: Path) -> None:
     vm = VM("four", base / "host", base / "work", [DiskSpec(n, size=TiB) for n in names])
     vm.work_dir.mkdir(parents=True, exist_ok=True)
     for i, n in enumerate(names):
-        scattered_image(vm.image(n), TiB, seed=100 + i)
+        scattered_image(vm.image(n), TiB, EXTENTS, seed=100 + i)
     vm.start()
     peaks: dict[str, int] = {}
     try:

@@ -7,6 +7,8 @@ Threading rule: as for vcfs.demo.vms.VM - blocking, one thread, never vcfs's eve
 
 from __future__ import annotations
 
+import random
+import subprocess
 import time
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -16,7 +18,8 @@ from vcfs.demo import vms
 from vcfs.demo.qmpclient import QmpClient, QmpError
 from vcfs.demo.vms import DEMO_WRITES, DiskSpec
 
-__all__ = ["DEMO_WRITES", "VM", "DiskSpec", "QmpClient", "QmpError", "demo_vms"]
+__all__ = ["DEMO_WRITES", "VM", "DiskSpec", "QmpClient", "QmpError", "demo_vms",
+           "scattered_image"]
 
 
 class VM(vms.VM):
@@ -91,3 +94,20 @@ class VM(vms.VM):
 def demo_vms(base_dir: Path) -> AbstractContextManager[tuple[Path, list[vms.VM]]]:
     """vcfs.demo.vms.demo_vms, with VMs tests can inspect (instances of VM above)."""
     return vms.demo_vms(base_dir, vm_class=VM)
+
+
+def scattered_image(
+    path: Path, size: int, count: int, seed: int, unit: int = 64 << 10
+) -> list[tuple[int, int]]:
+    """A new qcow2 image of `size` holding `count` extents of `unit` bytes at random places
+    (the same ones for the same seed), each of one byte pattern: [(offset, pattern), …] in
+    offset order. The huge sparse disks of the tests and benchmarks."""
+    rng = random.Random(seed)
+    offsets = sorted(rng.sample(range(size // unit), count))
+    extents = [(o * unit, (i % 250) + 1) for i, o in enumerate(offsets)]
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), str(size)],
+                   check=True)
+    cmds = "".join(f"write -P {p} {o} {unit}\n" for o, p in extents)
+    subprocess.run(["qemu-io", "-f", "qcow2", str(path)], input=cmds, text=True, check=True,
+                   capture_output=True)
+    return extents

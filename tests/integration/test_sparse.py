@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import errno
 import os
-import random
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Mount
-from tests.vm import VM, DiskSpec
+from tests.vm import VM, DiskSpec, scattered_image
 
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
 UNIT = 64 * KiB
@@ -113,26 +112,13 @@ def test_seek_data_and_hole_follow_the_extents_at_the_instant_of_the_backup(
     assert (tmp_path / "vda").read_bytes() == model
 
 
-def _scattered_image(path: Path, size: int, count: int, seed: int) -> list[tuple[int, int]]:
-    """A qcow2 image of `size` with `count` 64 KiB extents of patterns at random places."""
-    rng = random.Random(seed)
-    offsets = sorted(rng.sample(range(size // UNIT), count))
-    extents = [(o * UNIT, (i % 250) + 1) for i, o in enumerate(offsets)]
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), str(size)],
-                   check=True)
-    cmds = "".join(f"write -P {p} {o} {UNIT}\n" for o, p in extents)
-    subprocess.run(["qemu-io", "-f", "qcow2", str(path)], input=cmds, text=True, check=True,
-                   capture_output=True)
-    return extents
-
-
 @pytest.mark.parametrize("size", [TiB, 16 * TiB], ids=["1TiB", "16TiB"])
 def test_qcow2_view_of_a_huge_sparse_disk_restores_the_point_in_time(
     size: int, vm_factory: Callable[..., VM], vcfs_mount: Callable[..., Mount], tmp_path: Path
 ):
     vm = vm_factory("vm1", [DiskSpec("vda", size=size)], start=False)
     vm.work_dir.mkdir(parents=True, exist_ok=True)
-    extents = _scattered_image(vm.image("vda"), size, 2000, seed=size)
+    extents = scattered_image(vm.image("vda"), size, 2000, seed=size)
     reference = tmp_path / "reference.qcow2"  # the disk as it is when the backup begins
     subprocess.run(["cp", "--sparse=always", str(vm.image("vda")), str(reference)], check=True)
     vm.start()
