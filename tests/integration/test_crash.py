@@ -10,7 +10,7 @@ import time
 import pytest
 
 from tests.integration.helpers import listing, wait_for, write_errno
-from tests.vm import DiskSpec
+from tests.vm import DiskSpec, QmpError
 
 CREATE_POINTS = {  # point -> does the checkpoint exist after recovery?
     "checkpoint.create.transaction": False,
@@ -253,3 +253,50 @@ def test_redefine_killed(vm_factory, vcfs_mount, point):
         assert os.readlink(cps / "current") == "a"
         assert (cps / "a/xml").read_bytes() == saved
     assert listing(mnt.state_dir / "domains/vm1/intents") == []
+
+
+def test_running_push_backup_survives_a_crash_and_finishes(vm_factory, vcfs_mount, tmp_path):
+    """A push job (fleecing since issue 11: filter, scratch, snapshot-access, block job) running
+    when vcfs dies is adopted, watched to its end, and then nothing of it is left but its
+    target, which holds the disk as it was at the begin."""
+    vm = vm_factory("vm1", [DiskSpec("vda", size=512 << 20)])
+    mnt = vcfs_mount(vm.host_dir)
+    dom = mnt.path / "vm1"
+    before_nodes = sorted(n["node-name"] for n in vm.block_nodes())
+    vm.write("vda", 0, 256 << 20, 0x31)
+    target = tmp_path / "push.qcow2"
+    doc = (f"<domainbackup mode='push'><disks><disk name='vda'><target file='{target}'/>"
+           "</disk></disks></domainbackup>").encode()
+    # Slowed so that it certainly runs through the crash; a job that copied its 256 MiB before
+    # it could be slowed is ended and begun again.
+    for _ in range(5):
+        assert write_errno(dom / "backups/new", doc) == 0
+        job_id = os.readlink(dom / "backups/latest")
+        (qemu_job,) = vm.qmp("query-jobs")
+        try:
+            vm.qmp("block-job-set-speed", device=qemu_job["id"], speed=1 << 20)
+            break
+        except QmpError as e:
+            assert "concluded" in str(e), e
+            ended = dom / "backups" / job_id
+            wait_for(lambda e=ended: not (e / "status").read_text().startswith("state: running"),
+                     20)
+            os.rmdir(ended)
+            target.unlink()
+    else:
+        raise AssertionError("every push job finished before it could be slowed down")
+    vm.write("vda", 0, 1 << 20, 0x32)  # after the point in time: must not reach the target
+    kill_and_restart(mnt)
+    job = dom / "backups" / job_id
+    assert "adopted push backup" in (dom / "errors").read_text()
+    assert (job / "status").read_text().startswith("state: running\n")
+    vm.qmp("block-job-set-speed", device=qemu_job["id"], speed=0)
+    wait_for(lambda: not (job / "status").read_text().startswith("state: running"), 20,
+             "the adopted push job to end")
+    assert (job / "status").read_text().startswith("state: completed\n")
+    assert_no_debris(vm, mnt, before_nodes)
+    read = subprocess.run(["qemu-io", "-f", "qcow2", "-r", "-c", "read -P 0x31 0 1M",
+                           str(target)], capture_output=True, text=True, check=True).stdout
+    assert "Pattern verification failed" not in read and "read 1048576/1048576" in read
+    os.rmdir(job)
+    assert target.exists()
