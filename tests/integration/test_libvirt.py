@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -547,3 +548,26 @@ def test_unmount_ends_the_backups_vcfs_began(libvirtd, lv_qcow2, vcfs_mount, sh)
     assert mnt.returncode == 0, mnt.log_text()
     assert job_type(lv) == libvirt.VIR_DOMAIN_JOB_NONE
     assert os.listdir(mnt.runtime_dir) == []
+
+
+def test_a_hung_libvirtd_costs_eio_and_vcfs_carries_on_when_it_answers_again(
+        libvirtd, lv_qcow2, vcfs_mount, sh):
+    """libvirt 9.0's client crashed vcfs when its keepalive closed a connection with two calls
+    in flight: vcfs makes one call at a time, notices the closed connection, reconnects."""
+    lv = lv_qcow2
+    mnt = vcfs_mount(libvirtd.uri, env={"VCFS_LIBVIRT_KEEPALIVE": "1,1"})
+    dom = mnt.path / "lv1"
+    os.kill(libvirtd.proc.pid, signal.SIGSTOP)
+    try:
+        # Two requests at once, each needing libvirt: both fail once the keepalive gives up.
+        started = time.monotonic()
+        r = sh(f"mkdir {dom}/checkpoints/a & sleep 0.5; cat {dom}/xml > /dev/null; wait $!",
+               timeout=60)
+        assert r.returncode != 0 and "Input/output error" in r.stderr, r.stderr
+        assert time.monotonic() - started < 15
+    finally:
+        os.kill(libvirtd.proc.pid, signal.SIGCONT)
+    wait_for(lambda: "reconnected" in mnt.log_text(), 15, "vcfs to reconnect")
+    assert mnt.returncode is None  # alive
+    assert sh(f"mkdir {dom}/checkpoints/b").returncode == 0
+    assert [c.getName() for c in lv.dom.listAllCheckpoints()] == ["b"]

@@ -14,9 +14,19 @@ from vcfs.adapters.virt.connection import Connection
 from vcfs.errors import BackendError, Disconnected, NotFound
 
 
-def connection() -> Connection:
+class StandIn:
+    """A libvirt connection as far as `Connection.call` looks at it."""
+
+    def __init__(self, alive: bool = True) -> None:
+        self.alive = alive
+
+    def isAlive(self) -> bool:  # noqa: N802 (libvirt's name)
+        return self.alive
+
+
+def connection(alive: bool = True) -> Connection:
     conn = Connection("qemu:///nowhere", lambda event: None)
-    conn._conn = object()  # a stand-in: the calls below never touch it
+    conn._conn = StandIn(alive)  # type: ignore[assignment]
     return conn
 
 
@@ -77,6 +87,21 @@ def test_a_lost_connection_is_dropped_until_reopened():
             await conn.call(lambda c: None, "list domains")
 
     trio.run(main)
+
+
+def test_a_connection_closed_by_its_keepalive_is_dropped_too():
+    async def main() -> bool:
+        conn = connection(alive=False)
+
+        def closed(c: object) -> None:
+            raise libvirt_error(libvirt.VIR_ERR_INTERNAL_ERROR,
+                                "internal error: client socket is closed")
+
+        with pytest.raises(BackendError, match="client socket is closed"):
+            await conn.call(closed, "list domains")
+        return conn.alive
+
+    assert trio.run(main) is False
 
 
 def test_options_of_vcfs_own_fleecing_are_said_to_be_ignored_over_libvirt(caplog, tmp_path):
