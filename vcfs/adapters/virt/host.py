@@ -43,15 +43,16 @@ class LibvirtDomain:
         self.created = time.time()
         self.errors = ErrorLog()
         self.active = False
+        # One change at a time per domain, checkpoints and backups alike: libvirt would make
+        # the second wait for its job lock (up to 30 s) where vcfs answers at once.
         lock = trio.Lock()
-        """One change at a time per domain: libvirt would make the second wait for its job
-        lock (up to 30 s) where vcfs answers at once."""
         self.checkpoints = LibvirtCheckpoints(conn, uuid, lock)
         self.backups = LibvirtBackups(conn, uuid, name, lock, env, spawn, self.report,
                                       self.checkpoints, remote_host)
 
     @property
     def connected(self) -> bool:
+        """Whether the host's connection to libvirtd is up (the domain may be stopped)."""
         return self._conn.alive
 
     async def xml(self) -> bytes:
