@@ -259,35 +259,38 @@ def test_running_push_backup_survives_a_crash_and_finishes(vm_factory, vcfs_moun
     """A push job (fleecing since issue 11: filter, scratch, snapshot-access, block job) running
     when vcfs dies is adopted, watched to its end, and then nothing of it is left but its
     target, which holds the disk as it was at the begin."""
-    vm = vm_factory("vm1", [DiskSpec("vda", size=512 << 20)])
+    vm = vm_factory("vm1", [DiskSpec("vda", size=1 << 30)])
     mnt = vcfs_mount(vm.host_dir)
     dom = mnt.path / "vm1"
     before_nodes = sorted(n["node-name"] for n in vm.block_nodes())
-    vm.write("vda", 0, 256 << 20, 0x31)
+    vm.write("vda", 0, 512 << 20, 0x31)
     target = tmp_path / "push.qcow2"
     doc = (f"<domainbackup mode='push'><disks><disk name='vda'><target file='{target}'/>"
            "</disk></disks></domainbackup>").encode()
-    # Slowed so that it certainly runs through the crash; a job that copied its 256 MiB before
-    # it could be slowed is ended and begun again.
+    # Slowed to 1 MiB/s with at least 16 MiB left, so that it certainly runs through the
+    # crash; a job that copied too much before it could be slowed is ended and begun again.
     for _ in range(5):
         assert write_errno(dom / "backups/new", doc) == 0
         job_id = os.readlink(dom / "backups/latest")
+        job = dom / "backups" / job_id
         (qemu_job,) = vm.qmp("query-jobs")
         try:
             vm.qmp("block-job-set-speed", device=qemu_job["id"], speed=1 << 20)
-            break
         except QmpError as e:
             assert "concluded" in str(e), e
-            ended = dom / "backups" / job_id
-            wait_for(lambda e=ended: not (e / "status").read_text().startswith("state: running"),
+            wait_for(lambda j=job: not (j / "status").read_text().startswith("state: running"),
                      20)
-            os.rmdir(ended)
+            os.rmdir(job)
             target.unlink()
+            continue
+        (progress,) = vm.qmp("query-jobs")
+        if progress["total-progress"] - progress["current-progress"] >= 16 << 20:
+            break
+        os.rmdir(job)  # cancels it and removes its target
     else:
-        raise AssertionError("every push job finished before it could be slowed down")
+        raise AssertionError("every push job copied too much before it could be slowed down")
     vm.write("vda", 0, 1 << 20, 0x32)  # after the point in time: must not reach the target
     kill_and_restart(mnt)
-    job = dom / "backups" / job_id
     assert "adopted push backup" in (dom / "errors").read_text()
     assert (job / "status").read_text().startswith("state: running\n")
     vm.qmp("block-job-set-speed", device=qemu_job["id"], speed=0)
