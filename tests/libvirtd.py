@@ -391,6 +391,31 @@ class LibvirtVM:
         if f"wrote {len(data)}/{len(data)} bytes at offset {offset}" not in out:
             raise RuntimeError(f"{self.name}: write to {target} failed: {out.strip()}")
 
+    def has_pattern(self, target: str, offset: int, length: int, pattern: int) -> bool:
+        """Whether the guest sees `length` bytes of `pattern` at `offset` on `target`."""
+        out = self.qemu_io(target, f"read -P 0x{pattern:02x} {offset} {length}")
+        if f"read {length}/{length} bytes at offset {offset}" not in out:
+            raise RuntimeError(f"{self.name}: read from {target} failed: {out.strip()}")
+        return "Pattern verification failed" not in out
+
+    def flush(self, target: str) -> None:
+        """Make QEMU write the disk's cached qcow2 metadata to its image file."""
+        self.qemu_io(target, "flush")
+
+    def block_nodes(self) -> list[dict[str, Any]]:
+        """All of QEMU's block nodes (query-named-block-nodes flat=true): libvirt's names
+        (`libvirt-N-format`, `libvirt-N-storage`), so tests tell them apart by `file`."""
+        nodes: list[dict[str, Any]] = self.qmp("query-named-block-nodes", flat=True)
+        return nodes
+
+    def checkpoint_names(self) -> list[str]:
+        """The domain's checkpoints as libvirt lists them, sorted."""
+        return sorted(c.getName() for c in self.dom.listAllCheckpoints())
+
+    def job_type(self) -> int:
+        """libvirt's job on the domain (`VIR_DOMAIN_JOB_NONE` when none)."""
+        return int(self.dom.jobInfo()[0])
+
     def bitmaps(self, target: str) -> dict[str, dict[str, Any]]:
         """The named dirty bitmaps on the disk image's format node, by name (QEMU's own view).
 
