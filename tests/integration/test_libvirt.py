@@ -188,6 +188,9 @@ def test_checkpoint_refusals_for_existing_and_broken(libvirtd, lv, vcfs_mount, s
 
 
 # --- backups ------------------------------------------------------------------------------------
+# Most backup cases run over both backends in test_backups.py (a second backup is EBUSY at once,
+# mkdir backs up every disk, rmdir of a running push cancels it and libvirt removes the target);
+# these are libvirt's own.
 
 
 def test_full_and_incremental_pull_read_back_equal(libvirtd, lv_qcow2, vcfs_mount, sh, tmp_path):
@@ -266,25 +269,6 @@ def test_full_and_incremental_pull_read_back_equal(libvirtd, lv_qcow2, vcfs_moun
     assert job_type(lv) == libvirt.VIR_DOMAIN_JOB_NONE
     # libvirt removed the scratch files vcfs named for it.
     assert os.listdir(mnt.state_dir / "scratch") == []
-
-
-def test_mkdir_pull_backup_and_second_backup_is_ebusy_at_once(libvirtd, lv, vcfs_mount, sh):
-    mnt = mount(vcfs_mount, libvirtd)
-    backups = mnt.path / "lv1/backups"
-    assert sh(f"mkdir {backups}/full").returncode == 0
-    assert job_type(lv) != libvirt.VIR_DOMAIN_JOB_NONE
-    # Every disk, the raw one too (a full backup needs no bitmap).
-    assert listing(backups / "full/disks") == sorted(
-        f"{d}{s}" for d in ("vda", "vdb", "vdc")
-        for s in ("", ".map", ".qcow2", ".qcow2.sha256", ".sha256"))
-    started = time.monotonic()
-    assert write_errno(backups / "new", b"<domainbackup mode='pull'/>") == errno.EBUSY
-    assert sh(f"mkdir {backups}/other").returncode != 0
-    assert time.monotonic() - started < 5  # libvirt alone would wait 30 s per attempt
-    assert "already running" in errors_of(mnt.path / "lv1")[-1]
-    assert listing(backups) == ["full", "latest", "new"]
-    assert sh(f"rmdir {backups}/full").returncode == 0
-    assert job_type(lv) == libvirt.VIR_DOMAIN_JOB_NONE
 
 
 def test_refused_backups_change_nothing(libvirtd, lv, vcfs_mount, sh):
@@ -511,30 +495,6 @@ def test_a_pull_backup_running_when_vcfs_was_killed_reappears(libvirtd, lv_qcow2
     assert sh(f"rmdir {backups}/2").returncode == 0
     assert job_type(lv) == libvirt.VIR_DOMAIN_JOB_NONE
     assert not list(mnt.state_dir.rglob("libvirt-backup*"))
-
-
-def test_rmdir_of_a_running_push_cancels_it_and_libvirt_removes_the_target(
-        libvirtd, lv_factory, vcfs_mount, sh, tmp_path):
-    work = tmp_path / "lvwork"
-    work.mkdir()
-    image = work / "lv1-vda.qcow2"  # made before the domain starts: LibvirtVM keeps it
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "1G"], check=True)
-    subprocess.run(["qemu-io", "-f", "qcow2", str(image), "-c", "write -P 0x5a 0 768M"],
-                   check=True, capture_output=True)
-    lv = lv_factory("lv1", [DiskSpec("vda", size=1 << 30)])
-    mnt = mount(vcfs_mount, libvirtd)
-    backups = mnt.path / "lv1/backups"
-    target = tmp_path / "push.qcow2"
-    doc = (f"<domainbackup mode='push'><disks><disk name='vda' type='file'>"
-           f"<driver type='qcow2'/><target file='{target}'/></disk></disks></domainbackup>")
-    assert write_errno(backups / "new", doc.encode()) == 0
-    assert (backups / "1/status").read_text().startswith("state: running\nmode: push\n")
-    assert sh(f"rmdir {backups}/1").returncode == 0
-    assert job_type(lv) == libvirt.VIR_DOMAIN_JOB_NONE
-    assert lv.dom.jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)["type"] == \
-        libvirt.VIR_DOMAIN_JOB_CANCELLED
-    assert not target.exists()
-    assert listing(backups) == ["new"]
 
 
 def test_unmount_ends_the_backups_vcfs_began(libvirtd, lv_qcow2, vcfs_mount, sh):
