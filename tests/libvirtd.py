@@ -335,6 +335,23 @@ class LibvirtVM:
         except libvirt.libvirtError:
             pass
 
+    def kill(self) -> None:
+        """SIGKILL the domain's QEMU behind libvirt's back, as a crash would (libvirt notices
+        its monitor closing; a transient domain then vanishes)."""
+        pidfile = self.daemon.base / "run" / "qemu" / f"{self.name}.pid"
+        pid = int(pidfile.read_text().strip())
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                if not self.dom.isActive():
+                    return
+            except libvirt.libvirtError:
+                return  # transient: gone from libvirt
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"libvirt still runs {self.name} after its QEMU was killed")
+            time.sleep(0.02)
+
     def qmp(self, cmd: str, **args: Any) -> Any:
         """A QMP command through libvirt's monitor pass-through; its `return`."""
         reply = libvirt_qemu.qemuMonitorCommand(
