@@ -3,7 +3,7 @@
 The tree (`vcfs.tree.fstree`) is written against these Protocols only, so that the same tree,
 files and errors serve two backends: the QMP one (`vcfs.domain.host.Host` over a directory of QMP
 sockets, with `CheckpointService` and `BackupService`) and the libvirt one
-(`vcfs.adapters.libvirt`, over libvirt's own checkpoint and backup API). Each method is exactly
+(`vcfs.adapters.virt`, over libvirt's own checkpoint and backup API). Each method is exactly
 what a node of the tree needs; semantics (errors included, as `vcfs.errors` exceptions) are the
 backend's.
 Thread rule: trio tasks only.
