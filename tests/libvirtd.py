@@ -41,7 +41,7 @@ from typing import Any
 import libvirt
 import libvirt_qemu
 
-from tests.vm import DiskSpec
+from tests.vm import DiskSpec, GuestIO
 
 _LIBVIRT_DIRS = ("etc", "run", "lib", "cache", "log")
 """Base subdirectories bound over /etc/libvirt, /run/libvirt, /var/lib/libvirt, … in order."""
@@ -250,7 +250,7 @@ class Libvirtd:
         return "\n".join(parts)
 
 
-class LibvirtVM:
+class LibvirtVM(GuestIO):
     """A domain of a `Libvirtd` with virtio disks (`DiskSpec`s) and no guest OS."""
 
     def __init__(self, daemon: Libvirtd, name: str, work_dir: Path,
@@ -390,30 +390,6 @@ class LibvirtVM:
                 if out or time.monotonic() > deadline:
                     return str(reply) + out
                 time.sleep(0.01)
-
-    def write(self, target: str, offset: int, length: int, pattern: int) -> None:
-        """Write `length` bytes of `pattern` through the device, exactly as a guest would."""
-        out = self.qemu_io(target, f"write -P 0x{pattern:02x} {offset} {length}")
-        if f"wrote {length}/{length} bytes at offset {offset}" not in out:
-            raise RuntimeError(f"{self.name}: write to {target} failed: {out.strip()}")
-
-    def write_bytes(self, target: str, offset: int, data: bytes) -> None:
-        """Write `data` at `offset` through the device (qemu-io takes it from a file)."""
-        src = self.work_dir / f"{self.name}-{target}-write.bin"
-        src.write_bytes(data)
-        try:
-            out = self.qemu_io(target, f"write -s {src} {offset} {len(data)}")
-        finally:
-            src.unlink(missing_ok=True)
-        if f"wrote {len(data)}/{len(data)} bytes at offset {offset}" not in out:
-            raise RuntimeError(f"{self.name}: write to {target} failed: {out.strip()}")
-
-    def has_pattern(self, target: str, offset: int, length: int, pattern: int) -> bool:
-        """Whether the guest sees `length` bytes of `pattern` at `offset` on `target`."""
-        out = self.qemu_io(target, f"read -P 0x{pattern:02x} {offset} {length}")
-        if f"read {length}/{length} bytes at offset {offset}" not in out:
-            raise RuntimeError(f"{self.name}: read from {target} failed: {out.strip()}")
-        return "Pattern verification failed" not in out
 
     def flush(self, target: str) -> None:
         """Make QEMU write the disk's cached qcow2 metadata to its image file."""

@@ -18,17 +18,31 @@ from vcfs.demo import vms
 from vcfs.demo.qmpclient import QmpClient, QmpError
 from vcfs.demo.vms import DEMO_WRITES, DiskSpec
 
-__all__ = ["DEMO_WRITES", "VM", "DiskSpec", "QmpClient", "QmpError", "demo_vms",
+__all__ = ["DEMO_WRITES", "VM", "DiskSpec", "GuestIO", "QmpClient", "QmpError", "demo_vms",
            "scattered_image"]
 
 
-class VM(vms.VM):
-    """A demo VM that tests can inspect (see the module docstring)."""
+class GuestIO:
+    """Guest-like I/O through a disk's virtio device, over a VM's `qemu_io` (HMP's qemu-io):
+    writes dirty bitmaps exactly like guest I/O. Shared by the QMP tests' VM and the libvirt
+    tests' domains (tests/libvirtd.py)."""
+
+    name: str
+    work_dir: Path
+
+    def qemu_io(self, target: str, command: str) -> str:
+        raise NotImplementedError
+
+    def write(self, target: str, offset: int, length: int, pattern: int) -> None:
+        """Write `length` bytes of `pattern` at `offset` through the device, as a guest would."""
+        out = self.qemu_io(target, f"write -P 0x{pattern:02x} {offset} {length}")
+        if f"wrote {length}/{length} bytes at offset {offset}" not in out:
+            raise RuntimeError(f"{self.name}: write to {target} failed: {out.strip()}")
 
     def write_bytes(self, target: str, offset: int, data: bytes) -> None:
         """Write `data` at `offset` through the device, as a guest would (see `write`).
 
-        qemu-io takes the bytes from a file (`write -s`), made beside the QEMU log and removed.
+        qemu-io takes the bytes from a file (`write -s`), made in the work directory and removed.
         """
         src = self.work_dir / f"{self.name}-{target}-write.bin"
         src.write_bytes(data)
@@ -45,6 +59,10 @@ class VM(vms.VM):
         if f"read {length}/{length} bytes at offset {offset}" not in out:
             raise RuntimeError(f"{self.name}: read from {target} failed: {out.strip()}")
         return "Pattern verification failed" not in out
+
+
+class VM(vms.VM, GuestIO):
+    """A demo VM that tests can inspect (see the module docstring)."""
 
     def block_nodes(self) -> list[dict[str, Any]]:
         """All block nodes (query-named-block-nodes flat=true)."""
