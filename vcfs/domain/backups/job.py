@@ -49,6 +49,8 @@ ACCESS_NODE = "snapshot-access node"
 EXPORT = "export"
 STATUS_EXPORT = "status export"
 """Pull: the scratch overlay exported for vcfs's own block-status requests (see `plan`)."""
+NODES = (FILE_NODE, STORE_NODE, FLEECE_FILE_NODE, FLEECE_NODE, CBW_NODE, ACCESS_NODE)
+"""The kinds of piece that are one block node each (`DiskJob.node`)."""
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,14 @@ class DiskJob:
     total: int = 0
     error: str | None = None
     views: DiskViews | None = None
+
+    def node(self, kind: str) -> str:
+        """The name of this disk's block node of kind `kind` (one of `NODES`)."""
+        return {
+            FILE_NODE: self.file_node, STORE_NODE: self.store_node,
+            FLEECE_FILE_NODE: self.fleece_file_node, FLEECE_NODE: self.fleece_node,
+            CBW_NODE: self.cbw_node, ACCESS_NODE: self.access_node,
+        }[kind]
 
     @property
     def scratch_path(self) -> str:

@@ -15,19 +15,14 @@ from collections.abc import Collection
 import trio
 
 from vcfs.domain.backups.job import (
-    ACCESS_NODE,
     BLOCK_JOB,
-    CBW_NODE,
     CHECKPOINT_BITMAPS,
     EXPORT,
-    FILE_NODE,
     FLEECE_FILE,
-    FLEECE_FILE_NODE,
-    FLEECE_NODE,
+    NODES,
     SERVER,
     STATUS_EXPORT,
     STORE_FILE,
-    STORE_NODE,
     SWITCH,
     TLS,
     BackupJob,
@@ -149,24 +144,9 @@ async def _release_in_qemu(
 ) -> None:
     qemu = ctx.qemu
     d = job.disk(p.target) if p.target else None
-    if p.kind == FILE_NODE:
+    if p.kind in NODES:
         assert d is not None
-        await qemu.delete_node(d.file_node)
-    elif p.kind == STORE_NODE:
-        assert d is not None
-        await qemu.delete_node(d.store_node)
-    elif p.kind == FLEECE_FILE_NODE:
-        assert d is not None
-        await qemu.delete_node(d.fleece_file_node)
-    elif p.kind == FLEECE_NODE:
-        assert d is not None
-        await qemu.delete_node(d.fleece_node)
-    elif p.kind == CBW_NODE:
-        assert d is not None
-        await qemu.delete_node(d.cbw_node)
-    elif p.kind == ACCESS_NODE:
-        assert d is not None
-        await qemu.delete_node(d.access_node)
+        await qemu.delete_node(d.node(p.kind))
     elif p.kind == SWITCH:
         assert d is not None
         # The device back onto the disk's own node, as it was before the backup.
