@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from vcfs import __version__, client, demo, launch, manpage
@@ -146,27 +147,25 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _mebibytes(text: str) -> int:
-    """A positive whole number of MiB (argparse type)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number of MiB: {text!r}") from None
-    if value < 16:
-        raise argparse.ArgumentTypeError(f"at least 16 MiB (four blocks), not {value}")
-    return value
+def _mebibytes_from(minimum: int, why: str = "") -> Callable[[str], int]:
+    """An argparse type: a whole number of MiB, at least `minimum` (`why` says why, in the
+    message)."""
+
+    def mebibytes(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number of MiB: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"at least {minimum} MiB{why}, not {value}")
+        return value
+
+    return mebibytes
 
 
-def _scratch_mebibytes(text: str) -> int:
-    """A scratch limit in MiB, at least 1 (argparse type): a qcow2 scratch's own metadata
-    takes a few hundred KiB."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number of MiB: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"at least 1 MiB, not {value}")
-    return value
+_mebibytes = _mebibytes_from(16, " (four blocks)")
+# A qcow2 scratch's own metadata takes a few hundred KiB.
+_scratch_mebibytes = _mebibytes_from(1)
 
 
 def _seconds(text: str) -> int:
