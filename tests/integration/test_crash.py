@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from tests.faultpoints import PULL_POINTS, PUSH_POINTS
 from tests.integration.helpers import listing, wait_for, write_errno
 from tests.vm import DiskSpec, QmpError
 
@@ -22,13 +23,6 @@ DELETE_POINTS = {  # point -> is the checkpoint gone after recovery?
     "checkpoint.delete.metadata": True,
     "checkpoint.delete.done": True,
 }
-BACKUP_POINTS = ["backup.create-store", "backup.add-store-node", "backup.create-fleece",
-                 "backup.add-fleece-node", "backup.add-cbw-node", "backup.nbd-server-start",
-                 "backup.transaction", "backup.switch-device", "backup.add-access-node",
-                 "backup.export-add", "backup.status-export-add", "backup.start-jobs",
-                 "backup.commit"]
-PULL_ONLY_POINTS = ("backup.nbd-server-start", "backup.export-add", "backup.status-export-add")
-PUSH_ONLY_POINTS = ("backup.create-fleece", "backup.add-fleece-node", "backup.start-jobs")
 
 
 def qcow2_vm(vm_factory):
@@ -137,10 +131,9 @@ def test_checkpoint_delete_killed(vm_factory, vcfs_mount, point):
 
 
 @pytest.mark.parametrize(("point", "mode"), [
-    (point, mode) for point in BACKUP_POINTS for mode in ("pull", "push")
     # push backups have no NBD server and no export, pull backups no scratch of their own
     # beside the store and no block job
-    if point not in (PULL_ONLY_POINTS if mode == "push" else PUSH_ONLY_POINTS)
+    *((point, "pull") for point in PULL_POINTS), *((point, "push") for point in PUSH_POINTS)
 ])
 def test_backup_begin_killed_leaves_nothing(vm_factory, vcfs_mount, tmp_path, point, mode):
     vm = qcow2_vm(vm_factory)

@@ -12,6 +12,7 @@ import pytest
 import trio
 import trio.testing
 
+from tests.faultpoints import PULL_POINTS, PUSH_POINTS
 from tests.unit.fakes import FakeQemu, FakeStore, disk, environment, make_domain
 from vcfs.domain import faults
 from vcfs.domain.backups import service as service_module
@@ -22,15 +23,6 @@ from vcfs.domain.model import Bitmap
 from vcfs.domain.ports import BlockdevBackup
 from vcfs.errors import BackendError, Busy, InvalidInput, NoSpace, NotFound
 
-BEGIN_POINTS = ["backup.create-store", "backup.add-store-node", "backup.create-fleece",
-                "backup.add-fleece-node", "backup.add-cbw-node", "backup.nbd-server-start",
-                "backup.transaction", "backup.switch-device", "backup.add-access-node",
-                "backup.export-add", "backup.status-export-add", "backup.start-jobs",
-                "backup.commit"]
-PULL_ONLY_POINTS = ("backup.nbd-server-start", "backup.export-add", "backup.status-export-add")
-PUSH_ONLY_POINTS = ("backup.create-fleece", "backup.add-fleece-node", "backup.start-jobs")
-PULL_POINTS = [p for p in BEGIN_POINTS if p not in PUSH_ONLY_POINTS]
-PUSH_POINTS = [p for p in BEGIN_POINTS if p not in PULL_ONLY_POINTS]
 QEMU_STEPS = ["create_image", "add_format_node", "add_cbw_node", "nbd_server_start", "pause",
               "transaction", "set_drive", "add_snapshot_access_node", "export_add"]
 PULL_ONLY_STEPS = ("nbd_server_start", "export_add")
