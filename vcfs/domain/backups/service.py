@@ -85,8 +85,6 @@ class BackupService:
     ) -> None:
         self._ctx = ctx
         self._report: Reporter = report or (lambda path, code, message: None)
-        self._cbw_timeout = cbw_timeout
-        self._scratch_limit = scratch_limit
         self._limits = ScratchLimits(cbw_timeout, scratch_limit)
         self._starter = Starter(ctx, checkpoints, store, codec, tls_dir, self._limits)
         self._preserve_shutdown = preserve_shutdown
