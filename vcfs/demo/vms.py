@@ -327,16 +327,25 @@ class VM:
             log.seek(start)
             return reply + log.read().decode(errors="replace")
 
-    def guest_poweroff(self) -> None:
+    def guest_poweroff(self, timeout: float = 10.0) -> None:
         """Make the guest itself power off, as an OS does on `poweroff`, and return at once.
 
         Sends an NMI (QMP `inject-nmi` on the test monitor); the firmware's NMI handler writes
         soft-off to the ACPI PM1 control register. QEMU then emits SHUTDOWN with `guest: true`
         and reason `guest-shutdown`, and runs its shutdown action: by default it exits (status
         0); after `set-action shutdown=pause` it stays, stopped, with status `shutdown`.
-        Returns before any of that happens. The firmware arms the NMI within microseconds of
-        QEMU starting, long before `start` returns; an NMI sent earlier would be lost.
+        Returns before any of that happens.
+
+        QEMU drops an NMI that arrives before the firmware has unmasked it, and on a loaded
+        host the vCPU may not have run a single instruction yet when the monitors answer. So
+        the NMI is sent only once the CPU sits in the firmware's final `hlt`, which comes after
+        the unmasking; TimeoutError if it does not get there within `timeout` seconds.
         """
+        deadline = time.monotonic() + timeout
+        while "HLT=1" not in self.hmp("info registers"):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.name}: the firmware did not reach its halt loop")
+            time.sleep(0.01)
         self.qmp("inject-nmi")
 
     def stop(self, timeout: float = 10.0) -> None:
