@@ -85,7 +85,7 @@ def parser() -> argparse.ArgumentParser:
                    "(default 256); the data path holds at most this plus 128 MiB of blocks "
                    "being read")
     m.add_argument("--cbw-timeout", type=_seconds, default=5, metavar="SECONDS",
-                   help="longest a pull backup's copy-before-write may hold one guest write "
+                   help="longest a backup's copy-before-write may hold one guest write "
                    "(default 5); past it, or when the scratch is full or fails, the backup "
                    "fails and the guest's write goes on")
     m.add_argument("--scratch-dir", type=Path, metavar="DIR",
